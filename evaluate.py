@@ -1,0 +1,134 @@
+"""Score the images sample.py wrote with the classifier: top-k accuracy per split, and where it goes wrong.
+
+    python evaluate.py --split new_test
+
+Reads OUT/samples/<split>/<i>.png and OUT/samples/<split>.json, and the classifier weights (default:
+DATA_DIR/checkpoint.pth). On the synthetic set the classifier is this project's own, trained on it (trained here
+first if missing); on the course's data, put the course's checkpoint.pth in the data folder or pass --classifier.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from collections import Counter
+
+import torch
+from PIL import Image
+
+from dataset import COLORS, SHAPES, UserError, encode, load_objects, read_json, read_image, to_float
+from evaluator import evaluation_model, make_parser as classifier_parser, resolve_device, topk_hits, train_classifier
+
+
+def load_samples(samples_dir: str, split: str, objects: dict):
+    """The PNGs and conditions of one sampled split: ((N, 3, 64, 64) in [-1, 1], (N, 24), list of name lists)."""
+    cond_path = os.path.join(samples_dir, f"{split}.json")
+    if not os.path.isfile(cond_path):
+        raise UserError(f"{cond_path}: no sampled split {split!r} in {samples_dir}; run python sample.py "
+                        f"--split {split} first, or pass --samples-dir")
+    conditions = read_json(cond_path, "condition list")
+    cond = encode(conditions, objects, cond_path)
+    images = []
+    for i in range(len(conditions)):
+        path = os.path.join(samples_dir, split, f"{i}.png")
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: image missing ({len(conditions)} expected); run python sample.py again")
+        with Image.open(path) as im:
+            if im.size != (64, 64):
+                raise UserError(f"{path}: image is {im.size[0]}x{im.size[1]}, the classifier needs 64x64; "
+                                f"resample with python sample.py")
+        images.append(torch.from_numpy(read_image(path, 64)).permute(2, 0, 1))
+    return to_float(torch.stack(images)), cond, conditions
+
+
+def breakdown(probs: torch.Tensor, cond: torch.Tensor, conditions: list, names: list) -> dict:
+    """Accuracy by object count, colour and shape, the object names missed most, and the worst conditions."""
+    hits, ks = topk_hits(probs, cond)
+    by = {}
+    def add(key, h, k):
+        a = by.setdefault(key, [0, 0])
+        a[0], a[1] = a[0] + h, a[1] + k
+    missed = Counter()
+    for p, y, h, k, names_i in zip(probs, cond, hits, ks, conditions):
+        add(f"{k} object{'s' if k > 1 else ''}", h, k)
+        top = set(p.topk(k).indices.tolist())
+        for name in names_i:
+            colour, shape = name.split(" ")
+            hit = int(names.index(name) in top)
+            add(colour, hit, 1)
+            add(shape, hit, 1)
+            if not hit:
+                missed[name] += 1
+    worst = sorted([(h / k, i) for i, (h, k) in enumerate(zip(hits, ks)) if h < k])
+    return {"accuracy": sum(hits) / sum(ks),
+            "by": {key: round(h / k, 4) for key, (h, k) in by.items()},
+            "missed_names": missed.most_common(),
+            "worst": [(round(a, 3), conditions[i]) for a, i in worst]}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--split", default="both", help="test, new_test, both, or the name of any sampled split")
+    p.add_argument("--samples-dir", default=None, help="what sample.py wrote (default: the checkpoint's folder/samples)")
+    p.add_argument("--ckpt", default="out/ckpt.pt", help="the generator's checkpoint, read only to find its data folder")
+    p.add_argument("--data-dir", default=None, help="folder with objects.json (default: the checkpoint's)")
+    p.add_argument("--classifier", default=None, help="classifier weights (default: DATA_DIR/checkpoint.pth)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    return p.parse_args(argv)
+
+
+def find_data_dir(args) -> str:
+    if args.data_dir:
+        return args.data_dir
+    if os.path.isfile(args.ckpt):
+        try:
+            return torch.load(args.ckpt, map_location="cpu", weights_only=False)["config"]["data_dir"]
+        except Exception as e:
+            raise UserError(f"{args.ckpt}: unreadable checkpoint ({type(e).__name__}); pass --data-dir instead")
+    raise UserError(f"{args.ckpt}: checkpoint not found, so the data folder is unknown; pass --data-dir")
+
+
+def run(args) -> dict:
+    device = resolve_device(args.device)
+    args.samples_dir = args.samples_dir or os.path.join(os.path.dirname(args.ckpt) or ".", "samples")
+    data_dir = find_data_dir(args)
+    classifier = args.classifier or os.path.join(data_dir, "checkpoint.pth")
+    if not os.path.isfile(classifier) and os.path.isfile(os.path.join(data_dir, "synthetic.json")):
+        print(f"no classifier at {classifier}: the data is synthetic, so training one on it first")
+        train_classifier(classifier_parser().parse_args(
+            ["--train", "--data-dir", data_dir, "--out", classifier, "--device", args.device]))
+    judge = evaluation_model(classifier, device)
+    objects = load_objects(data_dir)
+    names = sorted(objects, key=objects.get)
+    splits = ["test", "new_test"] if args.split == "both" else [args.split]
+    results = {}
+    for split in splits:
+        images, cond, conditions = load_samples(args.samples_dir, split, objects)
+        r = breakdown(judge.predict(images), cond, conditions, names)
+        results[split] = r
+        order = [k for k in ["1 object", "2 objects", "3 objects"] + COLORS + SHAPES if k in r["by"]]
+        print(f"\n{split}: accuracy {r['accuracy']:.4f} over {len(images)} images")
+        print("  " + "  ".join(f"{k} {r['by'][k]:.2f}" for k in order))
+        if r["missed_names"]:
+            print("  most missed: " + ", ".join(f"{n} x{c}" for n, c in r["missed_names"][:6]))
+        for a, c in r["worst"][:5]:
+            print(f"  missed: {a:.2f}  {c}")
+    with open(os.path.join(args.samples_dir, "eval.jsonl"), "a") as f:
+        f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "classifier": classifier,
+                            **{s: results[s]["accuracy"] for s in results}}) + "\n")
+    print("\nsummary: " + "  ".join(f"{s} {results[s]['accuracy']:.4f}" for s in results)
+          + f"  (classifier {classifier})")
+    return results
+
+
+def main():
+    args = get_args()
+    try:
+        run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

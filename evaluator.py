@@ -1,0 +1,207 @@
+"""The judge: the course's multi-label ResNet18 classifier and its top-k accuracy, on CPU or CUDA.
+
+`evaluation_model(checkpoint_path, device).eval(images, labels)` gives the course evaluator's number for the same
+weights and images: images (N, 3, 64, 64) in [-1, 1], labels (N, 24) multi-hot. For each image with k true objects,
+the hits are how many of the classifier's k highest outputs are true; accuracy = sum(hits) / sum(k).
+
+`python evaluator.py --train --data-dir DIR` trains the same architecture on a data folder (our synthetic set, where
+the course's weights cannot be used) and saves it in the course's format {'model': state_dict}.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torchvision
+
+from dataset import N_CLASSES, UserError, load_conditions, load_objects, load_train, read_image, to_float
+
+
+def build_classifier() -> nn.Module:
+    """torchvision's resnet18, no pretrained weights, fc replaced by Linear(512, 24) + Sigmoid (SPEC section 2)."""
+    net = torchvision.models.resnet18(weights=None)
+    net.fc = nn.Sequential(nn.Linear(512, N_CLASSES), nn.Sigmoid())
+    return net
+
+
+def features(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The 512-dimensional penultimate features (the input of fc)."""
+    x = net.maxpool(net.relu(net.bn1(net.conv1(images))))
+    x = net.layer4(net.layer3(net.layer2(net.layer1(x))))
+    return torch.flatten(net.avgpool(x), 1)
+
+
+def topk_hits(probs: torch.Tensor, labels: torch.Tensor):
+    """Per image: (hits_i, k_i), with hits_i = how many of the k_i highest outputs are true labels. Ties are broken
+    by torch.topk, exactly as the course's evaluator does."""
+    hits, ks = [], []
+    for p, y in zip(probs.cpu(), labels.cpu()):
+        k = int(y.sum().item())
+        top = set(p.topk(k).indices.tolist())
+        hits.append(len(top & set(torch.nonzero(y).flatten().tolist())))
+        ks.append(k)
+    return hits, ks
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device name; use auto, cpu, cuda or cuda:N")
+
+
+class evaluation_model:
+    """Drop-in for the course's class of the same name, with the weights path and the device as arguments."""
+
+    def __init__(self, checkpoint_path: str = "checkpoint.pth", device="auto"):
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        if not os.path.isfile(checkpoint_path):
+            raise UserError(f"{checkpoint_path}: classifier weights not found; put the course's checkpoint.pth there "
+                            f"or pass --classifier PATH (for the synthetic set: python evaluator.py --train)")
+        try:
+            state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)["model"]
+            self.resnet18 = build_classifier()
+            self.resnet18.load_state_dict(state)
+        except Exception as e:  # any unpickling or shape error means the file is not the course's classifier
+            raise UserError(f"{checkpoint_path}: not a readable classifier checkpoint ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:120]}); expected torch.save({{'model': resnet18 state_dict}})")
+        self.resnet18 = self.resnet18.to(self.device).eval()
+        self.classnum = N_CLASSES
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.resnet18(b.to(self.device)).float().cpu() for b in images.split(256)])
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([features(self.resnet18, b.to(self.device)).float().cpu() for b in images.split(256)])
+
+    def eval(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        hits, ks = topk_hits(self.predict(images), labels)
+        return sum(hits) / sum(ks)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training the classifier on a data folder (for the synthetic set)
+
+def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """x (N, 3, 64, 64) in [-1, 1]. Like the course's classifier, most images are seen at 32x32 and upsampled back,
+    so that a blurry sample is not misread; flips, brightness and noise keep it from keying on render details."""
+    n = x.shape[0]
+    res = [32, 32, 48, 64][int(torch.randint(4, (1,), generator=gen))]
+    if res != x.shape[-1]:
+        size = x.shape[-1]
+        x = nn.functional.interpolate(x, size=res, mode="bilinear", antialias=True, align_corners=False)
+        x = nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    flip = torch.rand(n, generator=gen) < 0.5
+    x = torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(-1), x)
+    scale = 1 + 0.2 * (torch.rand(n, 1, 1, 1, generator=gen) - 0.5)
+    noise = 0.05 * torch.rand(n, 1, 1, 1, generator=gen) * torch.randn(x.shape, generator=gen)
+    return ((x + 1) * scale.to(x.device) - 1 + noise.to(x.device)).clamp(-1, 1)
+
+
+def scene_of(filename: str) -> str:
+    """CLEVR_train_002066_2.png -> CLEVR_train_002066: the three renders of one scene share it."""
+    return filename.rsplit("_", 1)[0]
+
+
+def load_truth(data_dir: str, split: str, objects: dict):
+    """Ground-truth renders of a split's conditions (written by synthetic.py), or None if there are none."""
+    folder = os.path.join(data_dir, "truth", split)
+    if not os.path.isdir(folder):
+        return None
+    _, cond = load_conditions(data_dir, split, objects)
+    images = torch.stack([torch.from_numpy(read_image(os.path.join(folder, f"{i}.png"), 64)).permute(2, 0, 1)
+                          for i in range(len(cond))])
+    return to_float(images), cond
+
+
+def train_classifier(args) -> None:
+    import json
+    from tqdm import tqdm
+    from model import save_checkpoint
+    args.out = args.out or os.path.join(args.data_dir, "checkpoint.pth")
+    device = resolve_device(args.device)
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    images, cond = load_train(args.data_dir, args.image_dir, 64)
+    with open(os.path.join(args.data_dir, "train.json")) as f:
+        scenes = [scene_of(name) for name in json.load(f)]
+    # hold out whole scenes: the three renders of a scene share objects and layout, so a split by image would leak
+    held_scenes = set(sorted(set(scenes))[:: max(2, round(1 / args.val_fraction))])
+    val = torch.tensor([s in held_scenes for s in scenes])
+    x_train, y_train, x_val, y_val = images[~val], cond[~val], images[val], cond[val]
+    print(f"classifier: {len(x_train)} training images, {len(x_val)} held-out images from {len(held_scenes)} scenes, "
+          f"device {device}")
+
+    net = build_classifier().to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
+    bs = min(args.batch_size, len(x_train))
+    steps_per_epoch = len(x_train) // bs
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.epochs * steps_per_epoch)
+    use_bf16 = device.type == "cuda"
+    t0 = time.time()
+    for epoch in range(args.epochs):
+        net.train()
+        perm = torch.randperm(len(x_train), generator=gen)
+        bar = tqdm(range(steps_per_epoch), desc=f"classifier epoch {epoch + 1}/{args.epochs}")
+        for i in bar:
+            idx = perm[i * bs:(i + 1) * bs]
+            x = augment(to_float(x_train[idx]), gen).to(device)
+            y = y_train[idx].to(device)
+            with torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
+                logits = net.fc[0](features(net, x))  # train on logits: BCE-with-logits is the stable form
+            loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    minutes = (time.time() - t0) / 60
+    save_checkpoint({"model": net.state_dict()}, args.out)
+    judge = evaluation_model(args.out, device)
+    print(f"held-out scenes: top-k accuracy {judge.eval(to_float(x_val), y_val):.4f} ({len(x_val)} images)")
+    objects = load_objects(args.data_dir)
+    for split in ("test", "new_test"):
+        truth = load_truth(args.data_dir, split, objects)
+        if truth is not None:
+            print(f"ground-truth renders of {split}: top-k accuracy {judge.eval(*truth):.4f}")
+    print(f"saved {args.out} after {args.epochs} epochs in {minutes:.1f} min on {device}")
+
+
+def make_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train", action="store_true", help="train the classifier on --data-dir and save it")
+    p.add_argument("--data-dir", default="data/synthetic", help="i-CLEVR layout folder to train on")
+    p.add_argument("--image-dir", default=None, help="image folder (default: DATA_DIR/iclevr)")
+    p.add_argument("--out", default=None, help="where to save the weights (default: DATA_DIR/checkpoint.pth)")
+    p.add_argument("--epochs", type=int, default=6, help="training epochs")
+    p.add_argument("--batch-size", type=int, default=128, help="batch size")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (one-cycle)")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="fraction of scenes held out for validation")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    return p
+
+
+def main():
+    p = make_parser()
+    args = p.parse_args()
+    if not args.train:
+        p.print_help()
+        return
+    try:
+        train_classifier(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Generate images for condition lists with a trained ContextUnet and classifier-free guidance.
+
+    python sample.py --w 0.5                      # both splits, 400-step DDPM, as report C
+    python sample.py --sampler ddim --steps 50    # the fast path
+
+Guidance: eps = (1 + w) * eps(x, c) - w * eps(x, null); w = 0 is plain conditional sampling. Writes
+OUT/<split>/<i>.png (64x64), OUT/<split>_grid.png (8 per row), OUT/<split>.json (the conditions, for evaluate.py)
+and OUT/denoise_strip.png (noise to image for red sphere, cyan cylinder, cyan cube).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from tqdm import tqdm
+
+from dataset import STRIP_CONDITION, UserError, encode, load_conditions, load_objects, to_uint8
+from evaluator import resolve_device
+from model import ContextUnet
+from schedule import ddim_step, ddpm_schedules, ddpm_step, guided_eps, timesteps
+
+
+@torch.inference_mode()
+def sample_images(model: ContextUnet, cond: torch.Tensor, sched: dict, w: float = 0.5, sampler: str = "ddpm",
+                  steps: int = 50, seed: int = 0, n_frames: int = 0, batched_guidance: bool = True,
+                  progress: bool = False):
+    """Draw one image per row of cond (N, 24). Returns x0 (N, 3, S, S) in [-1, 1] and, if n_frames > 0, that many
+    snapshots of x_t from pure noise to the result. The noise comes from its own generator seeded with `seed`, so
+    the output does not depend on what else ran before."""
+    device = next(model.parameters()).device
+    T = len(sched["beta_t"]) - 1
+    sched = {k: v.to(device) for k, v in sched.items()}
+    size = model.config["image_size"]
+    gen = torch.Generator(device).manual_seed(seed)
+    n = cond.shape[0]
+    cond = cond.to(device)
+    null = torch.zeros_like(cond)  # all zeros is "no condition", as in training
+    x_t = torch.randn(n, model.config["in_channels"], size, size, generator=gen, device=device)
+    ts = timesteps(T, sampler, steps)
+    record = {round(i * (len(ts) - 1) / (n_frames - 1)) for i in range(n_frames)} if n_frames > 1 else set()
+    frames = [x_t.float().cpu()] if 0 in record else []
+    use_bf16 = device.type == "cuda"
+    for i, (t, t_prev) in enumerate(tqdm(list(zip(ts[:-1], ts[1:])), desc=f"sampling ({sampler})",
+                                         disable=not progress, leave=False)):
+        t_in = torch.full((n,), t / T, device=device)  # the net sees t scaled to [0, 1]
+        with torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
+            if w == 0:
+                eps = model(x_t, cond, t_in).float()
+            elif batched_guidance:  # conditional and unconditional halves in one forward pass of 2N
+                eps_c, eps_u = model(torch.cat([x_t, x_t]), torch.cat([cond, null]), t_in.repeat(2)).float().chunk(2)
+                eps = guided_eps(eps_c, eps_u, w)
+            else:
+                eps = guided_eps(model(x_t, cond, t_in).float(), model(x_t, null, t_in).float(), w)
+        if sampler == "ddpm":
+            z = torch.randn(x_t.shape, generator=gen, device=device) if t > 1 else torch.zeros_like(x_t)
+            x_t = ddpm_step(x_t, eps, t, z, sched)
+        else:
+            x_t = ddim_step(x_t, eps, t, t_prev, sched)
+        if i + 1 in record:
+            frames.append(x_t.float().cpu())
+    return x_t.float().clamp(-1, 1).cpu(), frames
+
+
+def to_64(x: torch.Tensor) -> torch.Tensor:
+    """The classifier and the course expect 64x64; a model trained smaller is upsampled bilinearly."""
+    return x if x.shape[-1] == 64 else F.interpolate(x, size=64, mode="bilinear", align_corners=False).clamp(-1, 1)
+
+
+def save_png(x: torch.Tensor, path: str) -> None:
+    """x (3, H, W) in [-1, 1] -> PNG."""
+    Image.fromarray(to_uint8(x).permute(1, 2, 0).numpy()).save(path)
+
+
+def save_grid(x: torch.Tensor, path: str, nrow: int = 8) -> None:
+    grid = torchvision.utils.make_grid(x, nrow=nrow, padding=2, pad_value=1.0)
+    save_png(grid, path)
+
+
+def load_model(ckpt_path: str, device: torch.device, use_ema: bool = True):
+    """Rebuild the network from a checkpoint alone. Returns (model, checkpoint dict)."""
+    if not os.path.isfile(ckpt_path):
+        raise UserError(f"{ckpt_path}: checkpoint not found; train first (python train.py) or pass --ckpt PATH")
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        model = ContextUnet(**ckpt["config"]["model"])
+        model.load_state_dict(ckpt["ema" if use_ema else "model"])
+    except Exception as e:  # truncated file, foreign pickle, or weights of another configuration
+        raise UserError(f"{ckpt_path}: not a usable checkpoint of this project ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:150]}); retrain or point --ckpt at another file")
+    return model.to(device).eval(), ckpt
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint written by train.py")
+    p.add_argument("--out-dir", default=None, help="where images go (default: the checkpoint's folder/samples)")
+    p.add_argument("--data-dir", default=None, help="folder with objects.json and the split files "
+                                                    "(default: the one the checkpoint was trained on)")
+    p.add_argument("--split", default="both", help="test, new_test or both")
+    p.add_argument("--conditions", default=None, help="a JSON file of condition lists to sample instead of a split")
+    p.add_argument("--w", type=float, default=0.5, help="guidance weight: eps = (1+w) eps_c - w eps_null; 0 = none")
+    p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="ancestral DDPM or deterministic DDIM")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (DDPM always takes all T steps)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed; same seed, same images")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of their moving average")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    return p.parse_args(argv)
+
+
+def run(args) -> None:
+    if args.w < 0:
+        raise UserError(f"--w {args.w}: the guidance weight must be >= 0 (0 is plain conditional sampling)")
+    device = resolve_device(args.device)
+    model, ckpt = load_model(args.ckpt, device, use_ema=not args.no_ema)
+    cfg = ckpt["config"]
+    data_dir = args.data_dir or cfg["data_dir"]
+    out_dir = args.out_dir or os.path.join(os.path.dirname(args.ckpt) or ".", "samples")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, ".write_test"), "w"):
+            pass
+        os.remove(os.path.join(out_dir, ".write_test"))
+    except OSError as e:
+        raise UserError(f"{out_dir}: output folder cannot be written ({e.strerror}); pass --out-dir")
+    objects = load_objects(data_dir)
+    if args.conditions:
+        splits = [args.conditions]
+    elif args.split == "both":
+        splits = ["test", "new_test"]
+    elif args.split in ("test", "new_test"):
+        splits = [args.split]
+    else:
+        raise UserError(f"--split {args.split}: no such split; use test, new_test or both (or --conditions FILE)")
+    sched = ddpm_schedules(cfg["beta1"], cfg["beta2"], cfg["T"], cfg["schedule"])
+    how = f"{args.sampler}" + (f" {args.steps} steps" if args.sampler == "ddim" else f" {cfg['T']} steps")
+    print(f"sampling with {'EMA' if not args.no_ema else 'raw'} weights of {args.ckpt} (epoch {ckpt['epoch']}), "
+          f"{how}, w={args.w}, seed {args.seed}, on {device}")
+    for split in splits:
+        conditions, cond = load_conditions(data_dir, split, objects)
+        name = os.path.splitext(os.path.basename(split))[0]
+        t0 = time.time()
+        x0, _ = sample_images(model, cond, sched, args.w, args.sampler, args.steps, args.seed, progress=True)
+        seconds = time.time() - t0
+        x0 = to_64(x0)
+        os.makedirs(os.path.join(out_dir, name), exist_ok=True)
+        for i, img in enumerate(x0):
+            save_png(img, os.path.join(out_dir, name, f"{i}.png"))
+        save_grid(x0, os.path.join(out_dir, f"{name}_grid.png"))
+        with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+            json.dump(conditions, f)
+        print(f"{name}: {len(x0)} images in {seconds:.1f}s -> {out_dir}/{name}/, {out_dir}/{name}_grid.png")
+    strip_cond = encode([STRIP_CONDITION], objects, "the denoising strip")
+    _, frames = sample_images(model, strip_cond, sched, args.w, args.sampler, args.steps, args.seed, n_frames=8)
+    save_grid(to_64(torch.cat(frames)), os.path.join(out_dir, "denoise_strip.png"), nrow=len(frames))
+    print(f"done: {', '.join(os.path.splitext(os.path.basename(s))[0] for s in splits)} sampled; "
+          f"denoising strip -> {out_dir}/denoise_strip.png; score with: python evaluate.py --samples-dir {out_dir}")
+
+
+def main():
+    args = get_args()
+    try:
+        run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""The maths of the forward (noising) and reverse (denoising) processes, and nothing else.
+
+DDPM (Ho et al., arXiv 2006.11239) with linear betas, the improved-DDPM cosine schedule (Nichol and Dhariwal,
+arXiv 2102.09672) as an option, classifier-free guidance (Ho and Salimans, arXiv 2207.12598) and the deterministic
+DDIM update (Song et al., arXiv 2010.02502).
+
+Convention: every table has T + 1 entries indexed by the integer timestep t. t = 0 is the clean image
+(beta_0 = 0, alphabar_0 = 1) and t = 1 is one noising step; training draws t from 1..T.
+"""
+import math
+
+import torch
+
+
+def ddpm_schedules(beta1: float = 1e-4, beta2: float = 0.02, T: int = 400, kind: str = "linear") -> dict:
+    """Precomputed coefficients, each a float32 tensor of shape (T + 1,). Computed in float64 so that the running
+    product alphabar_t does not drift over hundreds of steps."""
+    t = torch.arange(T + 1, dtype=torch.float64)
+    if kind == "linear":
+        beta_t = beta1 + (beta2 - beta1) * (t - 1) / max(T - 1, 1)  # beta_1 = beta1 ... beta_T = beta2
+    elif kind == "cosine":
+        s = 0.008  # offset so that beta_1 is not vanishingly small (improved DDPM, eq. 17)
+        f = torch.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
+        alphabar = f / f[0]
+        beta_t = (1 - alphabar[1:] / alphabar[:-1]).clamp(max=0.999)  # clamp avoids a singular last step
+        beta_t = torch.cat([beta_t.new_zeros(1), beta_t])
+    else:
+        raise ValueError(f"unknown schedule {kind!r}: use 'linear' or 'cosine'")
+    beta_t[0] = 0.0  # t = 0 is the clean image
+    alpha_t = 1 - beta_t
+    alphabar_t = torch.cumprod(alpha_t, dim=0)
+    sqrtmab = torch.sqrt(1 - alphabar_t)
+    table = {
+        "beta_t": beta_t,                                          # beta_t
+        "alpha_t": alpha_t,                                        # alpha_t = 1 - beta_t
+        "oneover_sqrta": 1 / torch.sqrt(alpha_t),                  # 1 / sqrt(alpha_t)
+        "sqrt_beta_t": torch.sqrt(beta_t),                         # sigma_t, DDPM's choice sigma_t^2 = beta_t
+        "alphabar_t": alphabar_t,                                  # prod_{s<=t} alpha_s
+        "sqrtab": torch.sqrt(alphabar_t),                          # sqrt(alphabar_t)
+        "sqrtmab": sqrtmab,                                        # sqrt(1 - alphabar_t)
+        "mab_over_sqrtmab": torch.where(t > 0, beta_t / sqrtmab.clamp(min=1e-12), 0.0),  # beta_t / sqrt(1 - alphabar_t)
+    }
+    return {k: v.float() for k, v in table.items()}
+
+
+def _at(coef: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """coef[t] shaped (N, 1, 1, 1) to broadcast over images; t is an int tensor (N,) or a python int."""
+    c = coef.to(x.device)[t]
+    return c.view(-1, *([1] * (x.dim() - 1))) if c.dim() else c
+
+
+def q_sample(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, sched: dict) -> torch.Tensor:
+    """x_t ~ q(x_t | x_0) = N(sqrt(alphabar_t) x_0, (1 - alphabar_t) I), reparameterised with eps."""
+    return _at(sched["sqrtab"], t, x0) * x0 + _at(sched["sqrtmab"], t, x0) * eps
+
+
+def guided_eps(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, w: float) -> torch.Tensor:
+    """Classifier-free guidance in the form eps = (1 + w) eps(x, c) - w eps(x, null): w = 0 is plain conditional
+    sampling (others write the same thing with scale = 1 + w)."""
+    return (1 + w) * eps_cond - w * eps_uncond
+
+
+def ddpm_step(x_t: torch.Tensor, eps_pred: torch.Tensor, t: int, z: torch.Tensor, sched: dict) -> torch.Tensor:
+    """One ancestral step x_t -> x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alphabar_t) eps) + sigma_t z.
+    The caller passes z = 0 at t = 1 so that the last step adds no noise."""
+    mean = sched["oneover_sqrta"][t] * (x_t - sched["mab_over_sqrtmab"][t] * eps_pred)
+    return mean + sched["sqrt_beta_t"][t] * z
+
+
+def ddim_step(x_t: torch.Tensor, eps_pred: torch.Tensor, t: int, t_prev: int, sched: dict) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0) jump from t to t_prev < t: predict x0, then re-noise it to t_prev along eps."""
+    x0_pred = (x_t - sched["sqrtmab"][t] * eps_pred) / sched["sqrtab"][t]
+    return sched["sqrtab"][t_prev] * x0_pred + sched["sqrtmab"][t_prev] * eps_pred
+
+
+def timesteps(T: int, sampler: str, steps: int) -> list:
+    """The descending list of timesteps the sampler visits, ending at 0: every step for DDPM, `steps` evenly spaced
+    jumps for DDIM."""
+    if sampler == "ddpm":
+        return list(range(T, -1, -1))
+    steps = max(1, min(steps, T))
+    return sorted({round(T * i / steps) for i in range(steps + 1)}, reverse=True)

@@ -1,0 +1,76 @@
+"""The score against hand-worked cases and against a plain re-implementation of the course's evaluator."""
+import pytest
+import torch
+
+from dataset import UserError
+from evaluator import build_classifier, evaluation_model, topk_hits
+
+
+def course_score(net, images, labels):
+    """The course's evaluation_model.compute_acc, as published, with .cuda() removed."""
+    with torch.no_grad():
+        out = net(images)
+    acc = total = 0
+    for i in range(out.size(0)):
+        k = int(labels[i].sum().item())
+        total += k
+        _, outi = out[i].topk(k)
+        _, li = labels[i].topk(k)
+        for j in outi:
+            if j in li:
+                acc += 1
+    return acc / total
+
+
+def multi_hot(*idx):
+    y = torch.zeros(24)
+    y[list(idx)] = 1
+    return y
+
+
+def test_hand_worked_scores_count_hits_among_the_k_highest_outputs():
+    p = torch.zeros(3, 24)
+    p[0, [3, 7]] = torch.tensor([0.9, 0.8])          # k = 2, both right
+    p[1, [3, 5, 9]] = torch.tensor([0.9, 0.7, 0.6])  # k = 3, true {3, 9, 20}: top3 = {3, 5, 9} -> 2 hits
+    p[2, [1, 2]] = torch.tensor([0.8, 0.8])          # k = 1, true {4}: a tie of two wrong classes -> 0 hits
+    labels = torch.stack([multi_hot(3, 7), multi_hot(3, 9, 20), multi_hot(4)])
+    hits, ks = topk_hits(p, labels)
+    assert hits == [2, 2, 0] and ks == [2, 3, 1]
+    assert sum(hits) / sum(ks) == pytest.approx(4 / 6)
+
+
+def test_a_tie_between_two_true_classes_counts_both():
+    p = torch.zeros(1, 24)
+    p[0, [10, 11]] = 0.5
+    hits, _ = topk_hits(p, multi_hot(10, 11)[None])
+    assert hits == [2]
+
+
+@pytest.fixture
+def course_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    net = build_classifier().eval()
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": net.state_dict()}, path)  # the course's format
+    return net, str(path)
+
+
+def test_random_checkpoint_in_course_format_scores_exactly_as_the_course_code(course_checkpoint):
+    net, path = course_checkpoint
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(16, 3, 64, 64, generator=g) * 2 - 1
+    labels = torch.zeros(16, 24)
+    for i in range(16):
+        labels[i, torch.randperm(24, generator=g)[: 1 + i % 3]] = 1
+    ours = evaluation_model(path, "cpu").eval(images, labels)
+    assert ours == course_score(net, images, labels)
+    assert 0 <= ours <= 1
+
+
+def test_missing_or_corrupt_classifier_weights_are_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        evaluation_model(str(tmp_path / "nope.pth"), "cpu")
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="not a readable classifier"):
+        evaluation_model(str(bad), "cpu")

@@ -1,0 +1,47 @@
+"""The network: shapes at any size divisible by 4, the condition actually used, and a gradient path that learns."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import ContextUnet, count_params
+
+
+@pytest.mark.parametrize("size", [16, 32])
+def test_output_has_the_input_shape(size):
+    model = ContextUnet(n_feat=8, image_size=size)
+    x = torch.randn(2, 3, size, size)
+    assert model(x, torch.zeros(2, 24), torch.rand(2)).shape == x.shape
+
+
+def test_image_size_not_divisible_by_4_is_refused():
+    with pytest.raises(ValueError, match="divisible by 4"):
+        ContextUnet(n_feat=8, image_size=30)
+
+
+def test_default_model_is_report_c_sized():
+    assert 20e6 < count_params(ContextUnet()) < 40e6  # n_feat 128 ContextUnet
+
+
+def test_the_condition_changes_the_output():
+    torch.manual_seed(0)
+    model = ContextUnet(n_feat=8, image_size=16).eval()
+    x, t = torch.randn(1, 3, 16, 16), torch.rand(1)
+    c = torch.zeros(1, 24)
+    c[0, 3] = 1
+    assert not torch.allclose(model(x, c, t), model(x, torch.zeros(1, 24), t))
+
+
+def test_model_overfits_one_small_batch():
+    torch.manual_seed(0)
+    model = ContextUnet(n_feat=16, image_size=16)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    x_t, eps = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
+    cond, t = (torch.rand(8, 24) < 0.1).float(), torch.rand(8)
+    losses = []
+    for _ in range(150):
+        loss = F.mse_loss(model(x_t, cond, t), eps)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 20, (losses[0], losses[-1])

@@ -1,0 +1,94 @@
+"""One reverse step against the posterior formula, DDIM against the forward marginal, the guidance formula, and
+whole sampling loops driven by a model whose exact answer is known in closed form."""
+import torch
+import torch.nn as nn
+
+from sample import sample_images
+from schedule import ddim_step, ddpm_schedules, ddpm_step, guided_eps, q_sample, timesteps
+
+
+def test_ddpm_step_mean_is_the_posterior_mean_of_q_x_tminus1_given_x_t_and_x0():
+    s = ddpm_schedules(1e-4, 0.02, 400)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 3, 8, 8, generator=g)
+    for t in (1, 2, 57, 400):
+        x_t = q_sample(x0, torch.full((4,), t), eps, s)
+        betas = torch.cat([torch.zeros(1, dtype=torch.float64), torch.linspace(1e-4, 0.02, 400, dtype=torch.float64)])
+        beta, ab, ab_prev = betas[t], torch.prod(1 - betas[:t + 1]), torch.prod(1 - betas[:t])
+        # DDPM eq. 7: mu~ = sqrt(ab_{t-1}) beta_t / (1 - ab_t) x0 + sqrt(alpha_t) (1 - ab_{t-1}) / (1 - ab_t) x_t
+        mu = (ab_prev.sqrt() * beta / (1 - ab)) * x0.double() + ((1 - beta).sqrt() * (1 - ab_prev) / (1 - ab)) * x_t.double()
+        step = ddpm_step(x_t, eps, t, torch.zeros_like(x_t), s)
+        torch.testing.assert_close(step.double(), mu, rtol=0, atol=2e-3)  # float32 step; wrong maths is off by >0.01
+
+
+def test_ddpm_step_adds_noise_of_std_sqrt_beta_t():
+    s = ddpm_schedules(1e-4, 0.02, 400)
+    x_t, eps, z = torch.zeros(100_000), torch.zeros(100_000), torch.randn(100_000, generator=torch.Generator().manual_seed(2))
+    out = ddpm_step(x_t, eps, 200, z, s)
+    assert abs(out.std().item() - s["beta_t"][200].sqrt().item()) < 1e-3
+
+
+def test_ddim_step_with_the_true_eps_lands_on_the_forward_sample_at_t_prev():
+    s = ddpm_schedules(1e-4, 0.02, 400)
+    g = torch.Generator().manual_seed(3)
+    x0, eps = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 3, 8, 8, generator=g)
+    for t, t_prev in ((400, 392), (100, 37), (8, 0)):
+        x_t = q_sample(x0, torch.full((2,), t), eps, s)
+        expected = s["alphabar_t"][t_prev].sqrt() * x0 + (1 - s["alphabar_t"][t_prev]).sqrt() * eps
+        torch.testing.assert_close(ddim_step(x_t, eps, t, t_prev, s), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_guidance_is_one_plus_w_cond_minus_w_uncond():
+    c, u = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 1.0])
+    torch.testing.assert_close(guided_eps(c, u, 0.0), c)  # w = 0: plain conditional
+    torch.testing.assert_close(guided_eps(c, u, 2.0), torch.tensor([3 * 1.0 - 2 * 0.5, 3 * -2.0 - 2 * 1.0]))
+
+
+def test_ddim_timesteps_descend_from_T_to_0_in_the_asked_number_of_jumps():
+    ts = timesteps(400, "ddim", 50)
+    assert ts[0] == 400 and ts[-1] == 0 and len(ts) == 51 and ts == sorted(ts, reverse=True)
+    assert timesteps(10, "ddpm", 0) == list(range(10, -1, -1))
+
+
+class ExactEps(nn.Module):
+    """The Bayes-optimal noise predictor when all data is one image x_star (conditional) or -x_star (null):
+    eps = (x_t - sqrt(ab_t) x*) / sqrt(1 - ab_t). Both samplers must then return x* exactly."""
+
+    def __init__(self, x_star, sched, T):
+        super().__init__()
+        self.x_star, self.s, self.T = x_star, sched, T
+        self.dummy = nn.Parameter(torch.zeros(1))
+        self.config = {"image_size": x_star.shape[-1], "in_channels": 3}
+
+    def forward(self, x_t, cond, t_in):
+        t = (t_in * self.T).round().long()
+        target = torch.where(cond.sum(1, keepdim=True)[:, :, None, None] > 0, self.x_star, -self.x_star)
+        return (x_t - self.s["sqrtab"][t].view(-1, 1, 1, 1) * target) / self.s["sqrtmab"][t].view(-1, 1, 1, 1)
+
+
+def test_samplers_driven_by_the_exact_eps_return_the_data_point():
+    T = 50
+    s = ddpm_schedules(1e-4, 0.2, T)
+    x_star = torch.rand(3, 8, 8) * 2 - 1
+    model = ExactEps(x_star, s, T)
+    cond = torch.zeros(3, 24)
+    cond[:, 5] = 1
+    for sampler in ("ddpm", "ddim"):
+        x0, frames = sample_images(model, cond, s, w=0.0, sampler=sampler, steps=10, seed=0, n_frames=4)
+        torch.testing.assert_close(x0, x_star.expand(3, -1, -1, -1).clamp(-1, 1), rtol=1e-3, atol=1e-3)
+        assert len(frames) == 4 and frames[0].std() > 0.5  # the strip starts from noise
+
+
+def test_guided_sampling_with_w_zero_ignores_the_unconditional_answer_and_batched_equals_separate():
+    T = 30
+    s = ddpm_schedules(1e-4, 0.2, T)
+    x_star = torch.rand(3, 8, 8) * 2 - 1
+    model = ExactEps(x_star, s, T)
+    cond = torch.zeros(2, 24)
+    cond[:, 1] = 1
+    a, _ = sample_images(model, cond, s, w=0.0, sampler="ddim", steps=10)
+    torch.testing.assert_close(a, x_star.expand(2, -1, -1, -1))
+    b, _ = sample_images(model, cond, s, w=1.5, sampler="ddpm", seed=4, batched_guidance=True)
+    c, _ = sample_images(model, cond, s, w=1.5, sampler="ddpm", seed=4, batched_guidance=False)
+    torch.testing.assert_close(b, c)
+    assert not torch.allclose(b, a)  # guidance moved the result away from x*

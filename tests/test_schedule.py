@@ -1,0 +1,64 @@
+"""The schedule tables against their closed forms, computed here independently in float64."""
+import math
+
+import torch
+
+from schedule import ddpm_schedules, q_sample
+
+
+def test_linear_betas_run_from_beta1_at_t1_to_beta2_at_T_and_alphabar_is_their_running_product():
+    T, b1, b2 = 50, 1e-4, 0.02
+    s = ddpm_schedules(b1, b2, T)
+    alphabar = 1.0
+    for t in range(1, T + 1):
+        beta = b1 + (b2 - b1) * (t - 1) / (T - 1)
+        alphabar *= 1 - beta
+        assert math.isclose(s["beta_t"][t].item(), beta, rel_tol=1e-6)
+        assert math.isclose(s["alphabar_t"][t].item(), alphabar, rel_tol=1e-5)
+    assert s["beta_t"][0] == 0 and s["alphabar_t"][0] == 1  # t = 0 is the clean image
+
+
+def test_derived_coefficients_match_their_definitions():
+    s = ddpm_schedules(1e-4, 0.02, 100)
+    t = torch.arange(1, 101)
+    beta = 1e-4 + (0.02 - 1e-4) * (t.double() - 1) / 99  # independent float64 reference
+    ab = torch.cumprod(1 - beta, 0)
+    close = lambda a, b: torch.testing.assert_close(a.double(), b, rtol=1e-6, atol=0)  # float32 storage
+    close(s["alpha_t"][t], 1 - beta)
+    close(s["oneover_sqrta"][t], 1 / torch.sqrt(1 - beta))
+    close(s["sqrt_beta_t"][t], torch.sqrt(beta))
+    close(s["sqrtab"][t], torch.sqrt(ab))
+    close(s["sqrtmab"][t], torch.sqrt(1 - ab))
+    close(s["mab_over_sqrtmab"][t], beta / torch.sqrt(1 - ab))
+    assert all(len(v) == 101 for v in s.values())
+
+
+def test_cosine_alphabar_follows_the_improved_ddpm_closed_form():
+    T, s_off = 200, 0.008
+    s = ddpm_schedules(T=T, kind="cosine")
+    f = lambda t: math.cos((t / T + s_off) / (1 + s_off) * math.pi / 2) ** 2
+    for t in (1, 10, 100, 150):  # away from the clamped end
+        assert math.isclose(s["alphabar_t"][t].item(), f(t) / f(0), rel_tol=1e-5)
+    assert s["beta_t"].max() <= 0.999 + 1e-6
+
+
+def test_q_sample_has_the_forward_marginal_mean_and_variance():
+    s = ddpm_schedules(1e-4, 0.02, 400)
+    x0 = torch.full((200_000,), 0.7)
+    t = torch.full((200_000,), 123)
+    x_t = q_sample(x0, t, torch.randn(200_000, generator=torch.Generator().manual_seed(0)), s)
+    ab = s["alphabar_t"][123].item()
+    assert abs(x_t.mean().item() - math.sqrt(ab) * 0.7) < 0.01
+    assert abs(x_t.var().item() - (1 - ab)) < 0.01
+
+
+def test_chaining_single_noising_steps_gives_the_same_marginal_as_q_sample():
+    # x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) z applied t times: the definition q_sample shortcuts
+    s = ddpm_schedules(1e-4, 0.02, 400)
+    g = torch.Generator().manual_seed(1)
+    x = torch.full((100_000,), -0.4)
+    for t in range(1, 301):
+        x = torch.sqrt(1 - s["beta_t"][t]) * x + s["sqrt_beta_t"][t] * torch.randn(x.shape, generator=g)
+    ab = s["alphabar_t"][300].item()
+    assert abs(x.mean().item() - math.sqrt(ab) * -0.4) < 0.01
+    assert abs(x.var().item() - (1 - ab)) < 0.01
