@@ -7,6 +7,7 @@ so later epochs and runs read no PNG.
 import difflib
 import json
 import os
+import sys
 from multiprocessing import Pool
 
 import numpy as np
@@ -22,6 +23,27 @@ STRIP_CONDITION = ["red sphere", "cyan cylinder", "cyan cube"]  # the denoising 
 
 class UserError(Exception):
     """A mistake in the user's input: the scripts print its one-line message and exit with status 2."""
+
+
+def run_cli(fn, args) -> None:
+    """Run a script's body; a UserError becomes one line on stderr and exit status 2, never a traceback."""
+    try:
+        fn(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def ensure_writable(folder: str, flag: str) -> None:
+    """Create folder if needed and prove a file can be written there, before any work is done."""
+    probe = os.path.join(folder, ".write_test")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"{folder}: output folder cannot be written ({e.strerror}); pass another {flag}")
 
 
 def object_names() -> list:

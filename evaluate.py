@@ -9,14 +9,13 @@ first if missing); on the course's data, put the course's checkpoint.pth in the 
 import argparse
 import json
 import os
-import sys
 import time
 from collections import Counter
 
 import torch
 from PIL import Image
 
-from dataset import COLORS, SHAPES, UserError, encode, load_objects, read_json, read_image, to_float
+from dataset import run_cli, COLORS, SHAPES, UserError, encode, load_objects, read_json, read_image, to_float
 from evaluator import evaluation_model, make_parser as classifier_parser, resolve_device, topk_hits, train_classifier
 
 
@@ -93,7 +92,8 @@ def run(args) -> dict:
     args.samples_dir = args.samples_dir or os.path.join(os.path.dirname(args.ckpt) or ".", "samples")
     data_dir = find_data_dir(args)
     classifier = args.classifier or os.path.join(data_dir, "checkpoint.pth")
-    if not os.path.isfile(classifier) and os.path.isfile(os.path.join(data_dir, "synthetic.json")):
+    # a missing classifier is trained only for the synthetic set, and only at its default place
+    if not args.classifier and not os.path.isfile(classifier) and os.path.isfile(os.path.join(data_dir, "synthetic.json")):
         print(f"no classifier at {classifier}: the data is synthetic, so training one on it first")
         train_classifier(classifier_parser().parse_args(
             ["--train", "--data-dir", data_dir, "--out", classifier, "--device", args.device]))
@@ -122,12 +122,7 @@ def run(args) -> dict:
 
 
 def main():
-    args = get_args()
-    try:
-        run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(run, get_args())
 
 
 if __name__ == "__main__":

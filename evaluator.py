@@ -9,14 +9,13 @@ the course's weights cannot be used) and saves it in the course's format {'model
 """
 import argparse
 import os
-import sys
 import time
 
 import torch
 import torch.nn as nn
 import torchvision
 
-from dataset import N_CLASSES, UserError, load_conditions, load_objects, load_train, read_image, to_float
+from dataset import run_cli, N_CLASSES, UserError, load_conditions, load_objects, load_train, read_image, to_float
 
 
 def build_classifier() -> nn.Module:
@@ -140,7 +139,7 @@ def train_classifier(args) -> None:
     print(f"classifier: {len(x_train)} training images, {len(x_val)} held-out images from {len(held_scenes)} scenes, "
           f"device {device}")
 
-    net = build_classifier().to(device)
+    net = build_classifier().to(device, memory_format=torch.channels_last)  # faster convolutions, CPU and GPU
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
     bs = min(args.batch_size, len(x_train))
     steps_per_epoch = len(x_train) // bs
@@ -153,7 +152,7 @@ def train_classifier(args) -> None:
         bar = tqdm(range(steps_per_epoch), desc=f"classifier epoch {epoch + 1}/{args.epochs}")
         for i in bar:
             idx = perm[i * bs:(i + 1) * bs]
-            x = augment(to_float(x_train[idx]), gen).to(device)
+            x = augment(to_float(x_train[idx]), gen).to(device, memory_format=torch.channels_last)
             y = y_train[idx].to(device)
             with torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
                 logits = net.fc[0](features(net, x))  # train on logits: BCE-with-logits is the stable form
@@ -181,7 +180,7 @@ def make_parser():
     p.add_argument("--data-dir", default="data/synthetic", help="i-CLEVR layout folder to train on")
     p.add_argument("--image-dir", default=None, help="image folder (default: DATA_DIR/iclevr)")
     p.add_argument("--out", default=None, help="where to save the weights (default: DATA_DIR/checkpoint.pth)")
-    p.add_argument("--epochs", type=int, default=6, help="training epochs")
+    p.add_argument("--epochs", type=int, default=4, help="training epochs")
     p.add_argument("--batch-size", type=int, default=128, help="batch size")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (one-cycle)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="fraction of scenes held out for validation")
@@ -196,11 +195,7 @@ def main():
     if not args.train:
         p.print_help()
         return
-    try:
-        train_classifier(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(train_classifier, args)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ and OUT/denoise_strip.png (noise to image for red sphere, cyan cylinder, cyan cu
 import argparse
 import json
 import os
-import sys
 import time
 
 import torch
@@ -19,7 +18,7 @@ import torchvision
 from PIL import Image
 from tqdm import tqdm
 
-from dataset import STRIP_CONDITION, UserError, encode, load_conditions, load_objects, to_uint8
+from dataset import ensure_writable, run_cli, STRIP_CONDITION, UserError, encode, load_conditions, load_objects, to_uint8
 from evaluator import resolve_device
 from model import ContextUnet
 from schedule import ddim_step, ddpm_schedules, ddpm_step, guided_eps, timesteps
@@ -120,13 +119,7 @@ def run(args) -> None:
     cfg = ckpt["config"]
     data_dir = args.data_dir or cfg["data_dir"]
     out_dir = args.out_dir or os.path.join(os.path.dirname(args.ckpt) or ".", "samples")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, ".write_test"), "w"):
-            pass
-        os.remove(os.path.join(out_dir, ".write_test"))
-    except OSError as e:
-        raise UserError(f"{out_dir}: output folder cannot be written ({e.strerror}); pass --out-dir")
+    ensure_writable(out_dir, "--out-dir")
     objects = load_objects(data_dir)
     if args.conditions:
         splits = [args.conditions]
@@ -162,12 +155,7 @@ def run(args) -> None:
 
 
 def main():
-    args = get_args()
-    try:
-        run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(run, get_args())
 
 
 if __name__ == "__main__":

@@ -13,14 +13,13 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dataset import UserError, load_conditions, load_objects, load_train, to_float
+from dataset import ensure_writable, run_cli, UserError, load_conditions, load_objects, load_train, to_float
 from evaluator import resolve_device
 from model import ContextUnet, count_params, save_checkpoint
 from sample import sample_images, save_grid, to_64
@@ -121,6 +120,7 @@ def train(args) -> None:
     ckpt = resume_state(args, ckpt_path) if args.resume else None
     if args.image_size % 4:
         raise UserError(f"--image-size {args.image_size}: must be divisible by 4 (the net halves it twice); try 64")
+    ensure_writable(args.out_dir, "--out-dir")
     data_dir = prepare_data(args)
     args.data_dir = data_dir
     torch.manual_seed(args.seed)
@@ -156,83 +156,81 @@ def train(args) -> None:
                                  "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}}, ckpt_path)
 
     stop = {"signal": None}  # Ctrl-C / SIGTERM finish the current step, save, and exit cleanly
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop.update(signal=signal.Signals(signum).name))
+    on_signal = lambda signum, frame: stop.update(signal=signal.Signals(signum).name)
+    previous_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     n, bs = len(images), min(args.batch_size, len(images))
     n_batches = n // bs  # the ragged last batch is dropped: BatchNorm dislikes tiny batches
     print(f"ContextUnet: {count_params(model) / 1e6:.2f}M parameters, {args.image_size}px, n_feat {args.n_feat}; "
           f"{n} images from {data_dir}; {n_batches} steps/epoch of {bs}; device {device}")
-    os.makedirs(args.out_dir, exist_ok=True)
     log = open(os.path.join(args.out_dir, "metrics.jsonl"), "a")
     use_bf16 = device.type == "cuda"
-    t_start, loss = time.time(), None
-    while epoch < args.epochs:
-        if perm is None:
-            perm = torch.randperm(n, device=device)
-        bar = tqdm(range(batch, n_batches), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
-        t_epoch, loss_sum, loss_count = time.time(), 0.0, 0
-        for batch in bar:
-            idx = perm[batch * bs:(batch + 1) * bs]
-            x0 = to_float(images[idx])                                      # (B, 3, S, S) in [-1, 1]
-            if args.hflip:
-                flip = torch.rand(bs, device=device) < 0.5
-                x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-            keep = (torch.rand(bs, device=device) >= args.drop_prob).float()
-            c = cond[idx] * keep[:, None]                                   # per-sample drop: zeros = no condition
-            t = torch.randint(1, args.T + 1, (bs,), device=device)         # t = 1 is one noising step
-            eps = torch.randn_like(x0)
-            x_t = q_sample(x0, t, eps, sched)
-            if device.type == "cuda":
-                x_t = x_t.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
-                eps_pred = model(x_t, c, t.float() / args.T)                # the net sees t scaled to [0, 1]
-            loss = F.mse_loss(eps_pred.float(), eps)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):  # checked before the update, so no weight is touched by it
-                raise UserError(f"loss became {loss_value} at epoch {epoch + 1}, step {step + 1}; {ckpt_path} still "
-                                f"holds the last good state: lower --lr and resume with --resume")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            ema_update(ema, model, min(args.ema_decay, (1 + step) / (10 + step)))  # warm-up for short runs
-            loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
-            bar.set_postfix(loss=f"{loss_sum / loss_count:.4f}")
-            if loss_count == 3 and device.type == "cpu" and (time.time() - t_epoch) / 3 * n_batches * args.epochs > 1800:
-                per_step = (time.time() - t_epoch) / 3
-                bar.write(f"on this CPU: about {per_step:.2f}s per step, so {args.epochs} epochs take about "
-                          f"{per_step * n_batches * args.epochs / 3600:.1f} h (a GPU or --preset cpu is faster)")
-            if stop["signal"]:
-                checkpoint(epoch, batch + 1, perm)
-                print(f"\n{stop['signal']}: saved {ckpt_path} at epoch {epoch + 1}, step {step}; "
-                      f"continue with: python train.py --resume --out-dir {args.out_dir}")
-                return
-        epoch, batch, perm = epoch + 1, 0, None
-        seconds = time.time() - t_epoch
-        row = {"epoch": epoch, "step": step, "loss": loss_sum / max(loss_count, 1), "images_per_s": loss_count * bs / seconds,
-               "epoch_s": round(seconds, 2), "elapsed_s": round(time.time() - t_start, 1)}
-        log.write(json.dumps(row) + "\n")
-        log.flush()
-        checkpoint(epoch, 0, None)
-        tqdm.write(f"epoch {epoch}/{args.epochs}  loss {row['loss']:.4f}  {row['images_per_s']:.0f} img/s  "
-                   f"saved {ckpt_path}")
-        if args.sample_every and (epoch % args.sample_every == 0 or epoch == args.epochs):
-            ema.eval()  # a quick DDIM grid of the test conditions, with its own RNG: training randomness is untouched
-            x0, _ = sample_images(ema, test_cond, sched, w=0.5, sampler="ddim", steps=50, seed=0)
-            os.makedirs(os.path.join(args.out_dir, "progress"), exist_ok=True)
-            save_grid(to_64(x0), os.path.join(args.out_dir, "progress", f"epoch_{epoch:04d}.png"))
-    log.close()
+    t_start, loss_sum, loss_count = time.time(), 0.0, 0
+    try:
+        while epoch < args.epochs:
+            if perm is None:
+                perm = torch.randperm(n, device=device)
+            bar = tqdm(range(batch, n_batches), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
+            t_epoch, loss_sum, loss_count = time.time(), 0.0, 0
+            for batch in bar:
+                idx = perm[batch * bs:(batch + 1) * bs]
+                x0 = to_float(images[idx])                                      # (B, 3, S, S) in [-1, 1]
+                if args.hflip:
+                    flip = torch.rand(bs, device=device) < 0.5
+                    x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+                keep = (torch.rand(bs, device=device) >= args.drop_prob).float()
+                c = cond[idx] * keep[:, None]                                   # per-sample drop: zeros = no condition
+                t = torch.randint(1, args.T + 1, (bs,), device=device)         # t = 1 is one noising step
+                eps = torch.randn_like(x0)
+                x_t = q_sample(x0, t, eps, sched)
+                if device.type == "cuda":
+                    x_t = x_t.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
+                    eps_pred = model(x_t, c, t.float() / args.T)                # the net sees t scaled to [0, 1]
+                loss = F.mse_loss(eps_pred.float(), eps)
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):  # checked before the update, so no weight is touched by it
+                    raise UserError(f"loss became {loss_value} at epoch {epoch + 1}, step {step + 1}; {ckpt_path} still "
+                                    f"holds the last good state: lower --lr and resume with --resume")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                ema_update(ema, model, min(args.ema_decay, (1 + step) / (10 + step)))  # warm-up for short runs
+                loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
+                bar.set_postfix(loss=f"{loss_sum / loss_count:.4f}")
+                if loss_count == 3 and device.type == "cpu" and (time.time() - t_epoch) / 3 * n_batches * args.epochs > 1800:
+                    per_step = (time.time() - t_epoch) / 3
+                    bar.write(f"on this CPU: about {per_step:.2f}s per step, so {args.epochs} epochs take about "
+                              f"{per_step * n_batches * args.epochs / 3600:.1f} h (a GPU or --preset cpu is faster)")
+                if stop["signal"]:
+                    checkpoint(epoch, batch + 1, perm)
+                    print(f"\n{stop['signal']}: saved {ckpt_path} at epoch {epoch + 1}, step {step}; "
+                          f"continue with: python train.py --resume --out-dir {args.out_dir}")
+                    return
+            epoch, batch, perm = epoch + 1, 0, None
+            seconds = time.time() - t_epoch
+            row = {"epoch": epoch, "step": step, "loss": loss_sum / max(loss_count, 1), "images_per_s": loss_count * bs / seconds,
+                   "epoch_s": round(seconds, 2), "elapsed_s": round(time.time() - t_start, 1)}
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            checkpoint(epoch, 0, None)
+            tqdm.write(f"epoch {epoch}/{args.epochs}  loss {row['loss']:.4f}  {row['images_per_s']:.0f} img/s  "
+                       f"saved {ckpt_path}")
+            if args.sample_every and (epoch % args.sample_every == 0 or epoch == args.epochs):
+                ema.eval()  # a quick DDIM grid of the test conditions, with its own RNG: training randomness is untouched
+                x0, _ = sample_images(ema, test_cond, sched, w=0.5, sampler="ddim", steps=50, seed=0)
+                os.makedirs(os.path.join(args.out_dir, "progress"), exist_ok=True)
+                save_grid(to_64(x0), os.path.join(args.out_dir, "progress", f"epoch_{epoch:04d}.png"))
+    finally:  # leave the process as we found it (tests call train() in-process)
+        log.close()
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
     print(f"done: {epoch} epochs, {step} steps in {(time.time() - t_start) / 60:.1f} min, final loss "
           f"{loss_sum / max(loss_count, 1):.4f}; checkpoint {ckpt_path}; next: python sample.py --ckpt {ckpt_path}")
 
 
 def main():
-    args = get_args()
-    try:
-        train(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(train, get_args())
 
 
 if __name__ == "__main__":

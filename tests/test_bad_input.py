@@ -1,0 +1,115 @@
+"""Every user mistake: one line naming the file or value and the fix, exit status 2, no traceback, nothing harmed."""
+import json
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+import evaluate
+import sample
+import train
+
+TINY = ["--image-size", "16", "--n-feat", "8", "--batch-size", "12", "--T", "20", "--sample-every", "0"]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    """A copy of the tiny data and a 1-epoch checkpoint trained on it."""
+    root = tmp_path_factory.mktemp("bad")
+    data = str(root / "data")
+    shutil.copytree(tiny_data, data)
+    out = str(root / "run")
+    train.train(train.get_args(["--data-dir", data, "--out-dir", out, *TINY, "--epochs", "1"]))
+    return data, out
+
+
+def fails(script, argv, capsys, monkeypatch, expect):
+    monkeypatch.setattr(sys, "argv", [f"{script.__name__}.py", *argv])
+    with pytest.raises(SystemExit) as e:
+        script.main()
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2
+    assert "Traceback" not in err
+    line = err.splitlines()[-1]  # progress bars may come before it
+    assert line.startswith("error: ") and err.count("error: ") == 1, err
+    assert expect in line, line
+    return line
+
+
+def write(path, content):
+    with open(path, "w") as f:
+        f.write(content if isinstance(content, str) else json.dumps(content))
+    return str(path)
+
+
+def test_sampling_mistakes(trained, tmp_path, capsys, monkeypatch):
+    data, out = trained
+    ckpt = f"{out}/ckpt.pt"
+    fails(sample, ["--ckpt", ckpt, "--conditions", write(tmp_path / "c.json", [["red sphere", "bleu cube"]])],
+          capsys, monkeypatch, "unknown object name 'bleu cube'; did you mean 'blue cube'?")
+    fails(sample, ["--ckpt", ckpt, "--conditions", write(tmp_path / "e.json", [[]])], capsys, monkeypatch,
+          "entry 0 is []")
+    fails(sample, ["--ckpt", ckpt, "--conditions", write(tmp_path / "r.json", [["red cube", "red cube"]])],
+          capsys, monkeypatch, "'red cube' appears twice")
+    fails(sample, ["--ckpt", ckpt, "--conditions", write(tmp_path / "m.json", "[[\"red cube\"")], capsys,
+          monkeypatch, "m.json: malformed JSON")
+    fails(sample, ["--ckpt", ckpt, "--split", "val"], capsys, monkeypatch, "--split val: no such split")
+    fails(sample, ["--ckpt", ckpt, "--w", "-1"], capsys, monkeypatch, "--w -1.0: the guidance weight must be >= 0")
+    fails(sample, ["--ckpt", str(tmp_path / "none.pt")], capsys, monkeypatch, "checkpoint not found")
+    truncated = tmp_path / "trunc.pt"
+    truncated.write_bytes(open(ckpt, "rb").read()[:5000])
+    fails(sample, ["--ckpt", str(truncated)], capsys, monkeypatch, "not a usable checkpoint")
+    other = torch.load(ckpt, weights_only=False)
+    other["config"]["model"]["n_feat"] = 16  # weights of one configuration under another's name
+    torch.save(other, tmp_path / "other.pt")
+    fails(sample, ["--ckpt", str(tmp_path / "other.pt")], capsys, monkeypatch, "not a usable checkpoint")
+    a_file = write(tmp_path / "file", "x")
+    fails(sample, ["--ckpt", ckpt, "--out-dir", f"{a_file}/sub"], capsys, monkeypatch, "cannot be written")
+    if not torch.cuda.is_available():
+        fails(sample, ["--ckpt", ckpt, "--device", "cuda"], capsys, monkeypatch, "CUDA is not available")
+
+
+def test_training_mistakes(trained, tmp_path, capsys, monkeypatch):
+    data, out = trained
+    args = ["--out-dir", str(tmp_path / "t"), *TINY, "--epochs", "1"]
+    fails(train, ["--data-dir", str(tmp_path / "nowhere"), *args], capsys, monkeypatch, "data folder not found")
+    fails(train, ["--data-dir", data, *args, "--image-size", "30"], capsys, monkeypatch,
+          "--image-size 30: must be divisible by 4")
+    fails(train, ["--data-dir", data, "--image-dir", str(tmp_path / "noimg"), *args], capsys, monkeypatch,
+          "image folder not found")
+    bad = tmp_path / "baddata"
+    shutil.copytree(data, bad)
+    for f in bad.glob("cache_*"):
+        f.unlink()
+    train_json = json.loads((bad / "train.json").read_text())
+    first = next(iter(train_json))
+    os.remove(bad / "iclevr" / first)
+    fails(train, ["--data-dir", str(bad), *args], capsys, monkeypatch, f"{first}: image file not found")
+    (bad / "iclevr" / first).write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    fails(train, ["--data-dir", str(bad), *args], capsys, monkeypatch, f"{first}: unreadable or truncated PNG")
+    train_json[first] = ["red cubes"]
+    write(bad / "train.json", train_json)
+    fails(train, ["--data-dir", str(bad), *args], capsys, monkeypatch, "unknown object name 'red cubes'")
+    before = open(f"{out}/ckpt.pt", "rb").read()
+    fails(train, ["--data-dir", data, "--out-dir", out, "--n-feat", "32", "--resume"], capsys, monkeypatch,
+          "--n-feat 32 differs from the checkpoint's 8")
+    assert open(f"{out}/ckpt.pt", "rb").read() == before  # nothing on disk touched
+
+
+def test_evaluation_mistakes(trained, tmp_path, capsys, monkeypatch):
+    data, out = trained
+    fails(evaluate, ["--ckpt", f"{out}/ckpt.pt", "--split", "test"], capsys, monkeypatch, "no sampled split 'test'")
+    samples = tmp_path / "s"
+    os.makedirs(samples / "test")
+    write(samples / "test.json", [["red cube"]])
+    fails(evaluate, ["--ckpt", f"{out}/ckpt.pt", "--samples-dir", str(samples), "--split", "test"], capsys,
+          monkeypatch, "0.png: image missing")
+    from PIL import Image
+    Image.new("RGB", (32, 32)).save(samples / "test" / "0.png")
+    fails(evaluate, ["--ckpt", f"{out}/ckpt.pt", "--samples-dir", str(samples), "--split", "test"], capsys,
+          monkeypatch, "image is 32x32, the classifier needs 64x64")
+    Image.new("RGB", (64, 64)).save(samples / "test" / "0.png")
+    fails(evaluate, ["--ckpt", f"{out}/ckpt.pt", "--samples-dir", str(samples), "--split", "test",
+                     "--classifier", str(tmp_path / "none.pth")], capsys, monkeypatch, "classifier weights not found")
