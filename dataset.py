@@ -119,7 +119,7 @@ def read_image(path: str, size: int) -> np.ndarray:
             im = im.convert("RGB")
             if im.size != (size, size):
                 im = im.resize((size, size), Image.BILINEAR)  # PIL's bilinear is antialiased, like transforms.Resize
-            return np.asarray(im, dtype=np.uint8)
+            return np.array(im, dtype=np.uint8)  # a writable copy, as torch.from_numpy wants
     except FileNotFoundError:
         raise UserError(f"{path}: image file not found; is the image folder complete?")
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
@@ -170,6 +170,16 @@ def load_train(data_dir: str, image_dir: str = None, image_size: int = 64, worke
     except OSError as e:
         print(f"note: could not write the image cache {cache} ({e}); PNGs will be decoded again next run")
     return torch.from_numpy(images), cond
+
+
+def make_batch(images_uint8: torch.Tensor, idx: torch.Tensor, hflip: bool) -> torch.Tensor:
+    """Gather a batch from the device-resident uint8 set, flip half of it left-right (labels are sets of objects, so
+    a mirror image has the same label), and normalize to [-1, 1]."""
+    x0 = to_float(images_uint8[idx])
+    if hflip:
+        flip = torch.rand(len(idx), device=x0.device) < 0.5
+        x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+    return x0
 
 
 def to_float(images_uint8: torch.Tensor) -> torch.Tensor:

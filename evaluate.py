@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from dataset import run_cli, COLORS, SHAPES, UserError, encode, load_objects, read_json, read_image, to_float
-from evaluator import evaluation_model, make_parser as classifier_parser, resolve_device, topk_hits, train_classifier
+from evaluator import (evaluation_model, frechet_distance, load_truth, make_parser as classifier_parser,
+                       resolve_device, topk_hits, train_classifier)
 
 
 def load_samples(samples_dir: str, split: str, objects: dict):
@@ -59,10 +60,59 @@ def breakdown(probs: torch.Tensor, cond: torch.Tensor, conditions: list, names: 
             if not hit:
                 missed[name] += 1
     worst = sorted([(h / k, i) for i, (h, k) in enumerate(zip(hits, ks)) if h < k])
-    return {"accuracy": sum(hits) / sum(ks),
+    return {"accuracy": sum(hits) / sum(ks), "count": dict(Counter(ks)),
             "by": {key: round(h / k, 4) for key, (h, k) in by.items()},
             "missed_names": missed.most_common(),
             "worst": [(round(a, 3), conditions[i]) for a, i in worst]}
+
+
+def score_split(judge, samples_dir: str, split: str, objects: dict, names: list, truth_feats=None) -> dict:
+    images, cond, conditions = load_samples(samples_dir, split, objects)
+    r = breakdown(judge.predict(images), cond, conditions, names)
+    if truth_feats is not None:
+        r["frechet"] = frechet_distance(judge.features(images), truth_feats)
+    return r
+
+
+def truth_features(judge, data_dir: str, split: str, objects: dict):
+    """Classifier features of every ground-truth render of a split (synthetic set only), or None."""
+    truth = load_truth(data_dir, split, objects, all_renders=True)
+    return None if truth is None else judge.features(truth[0])
+
+
+def sweep(args, judge, data_dir, objects, names, splits) -> None:
+    """Sample every split for each w and seed with identical noise, score each draw, print one table."""
+    import sample
+    ws = [float(w) for w in args.sweep.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    truth = {s: truth_features(judge, data_dir, s, objects) for s in splits}
+    table = []
+    for w in ws:
+        accs, feats = {s: [] for s in splits}, {s: [] for s in splits}
+        for seed in seeds:
+            out = os.path.join(args.samples_dir, "sweep", f"w{w:g}_seed{seed}")
+            sample.run(sample.get_args(["--ckpt", args.ckpt, "--data-dir", data_dir, "--out-dir", out, "--w", str(w),
+                                        "--seed", str(seed), "--sampler", args.sampler, "--steps", str(args.steps),
+                                        "--device", args.device]))
+            for s in splits:
+                images, cond, conditions = load_samples(out, s, objects)
+                accs[s].append(breakdown(judge.predict(images), cond, conditions, names)["accuracy"])
+                feats[s].append(judge.features(images))
+        row = {"w": w}
+        for s in splits:
+            a = torch.tensor(accs[s])
+            row[s] = {"mean": a.mean().item(), "std": a.std().item() if len(a) > 1 else 0.0, "per_seed": accs[s]}
+            if truth[s] is not None:  # all seeds pooled: several samples per condition
+                row[s]["frechet"] = frechet_distance(torch.cat(feats[s]), truth[s])
+        table.append(row)
+    print(f"\nguidance sweep: {args.sampler}{' ' + str(args.steps) if args.sampler == 'ddim' else ''}, seeds {seeds}, "
+          f"classifier {args.classifier or os.path.join(data_dir, 'checkpoint.pth')}")
+    print(f"{'w':>6s}" + "".join(f"  {s + ' acc':>18s}  {'FD':>7s}" for s in splits))
+    for row in table:
+        print(f"{row['w']:6.2f}" + "".join(f"  {row[s]['mean']:10.4f} +- {row[s]['std']:.4f}  "
+                                           f"{row[s].get('frechet', float('nan')):7.2f}" for s in splits))
+    with open(os.path.join(args.samples_dir, "sweep.json"), "w") as f:
+        json.dump(table, f, indent=1)
 
 
 def get_args(argv=None):
@@ -73,6 +123,10 @@ def get_args(argv=None):
     p.add_argument("--data-dir", default=None, help="folder with objects.json (default: the checkpoint's)")
     p.add_argument("--classifier", default=None, help="classifier weights (default: DATA_DIR/checkpoint.pth)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--sweep", default=None, help="comma-separated guidance weights: sample and score each (e.g. 0,0.5,1,2)")
+    p.add_argument("--seeds", default="0,1,2", help="with --sweep: noise seeds, the same for every w")
+    p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim"], help="with --sweep: the sampler")
+    p.add_argument("--steps", type=int, default=50, help="with --sweep: DDIM steps")
     return p.parse_args(argv)
 
 
@@ -101,13 +155,15 @@ def run(args) -> dict:
     objects = load_objects(data_dir)
     names = sorted(objects, key=objects.get)
     splits = ["test", "new_test"] if args.split == "both" else [args.split]
+    if args.sweep:
+        return sweep(args, judge, data_dir, objects, names, splits)
     results = {}
     for split in splits:
-        images, cond, conditions = load_samples(args.samples_dir, split, objects)
-        r = breakdown(judge.predict(images), cond, conditions, names)
+        r = score_split(judge, args.samples_dir, split, objects, names, truth_features(judge, data_dir, split, objects))
         results[split] = r
         order = [k for k in ["1 object", "2 objects", "3 objects"] + COLORS + SHAPES if k in r["by"]]
-        print(f"\n{split}: accuracy {r['accuracy']:.4f} over {len(images)} images")
+        fd = f", Frechet distance to ground-truth renders {r['frechet']:.2f}" if "frechet" in r else ""
+        print(f"\n{split}: accuracy {r['accuracy']:.4f} over {sum(r['count'].values())} images{fd}")
         print("  " + "  ".join(f"{k} {r['by'][k]:.2f}" for k in order))
         if r["missed_names"]:
             print("  most missed: " + ", ".join(f"{n} x{c}" for n, c in r["missed_names"][:6]))
@@ -115,7 +171,8 @@ def run(args) -> dict:
             print(f"  missed: {a:.2f}  {c}")
     with open(os.path.join(args.samples_dir, "eval.jsonl"), "a") as f:
         f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "classifier": classifier,
-                            **{s: results[s]["accuracy"] for s in results}}) + "\n")
+                            **{s: {k: results[s][k] for k in ("accuracy", "frechet") if k in results[s]}
+                               for s in results}}) + "\n")
     print("\nsummary: " + "  ".join(f"{s} {results[s]['accuracy']:.4f}" for s in results)
           + f"  (classifier {classifier})")
     return results

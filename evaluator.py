@@ -86,6 +86,22 @@ class evaluation_model:
         return sum(hits) / sum(ks)
 
 
+def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets (N, D):
+    |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2), the FID formula, in float64."""
+    a, b = feats_a.double(), feats_b.double()
+    return frechet_from_stats(a.mean(0), torch.cov(a.T), b.mean(0), torch.cov(b.T))
+
+
+def frechet_from_stats(mu_a, cov_a, mu_b, cov_b) -> float:
+    def sqrtm_psd(m):  # symmetric PSD square root; tiny negative eigenvalues from rounding are clipped
+        vals, vecs = torch.linalg.eigh((m + m.T) / 2)
+        return (vecs * vals.clamp(min=0).sqrt()) @ vecs.T
+    root_a = sqrtm_psd(cov_a)
+    cross = sqrtm_psd(root_a @ cov_b @ root_a)
+    return float(((mu_a - mu_b) ** 2).sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * torch.trace(cross))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # training the classifier on a data folder (for the synthetic set)
 
@@ -110,15 +126,20 @@ def scene_of(filename: str) -> str:
     return filename.rsplit("_", 1)[0]
 
 
-def load_truth(data_dir: str, split: str, objects: dict):
-    """Ground-truth renders of a split's conditions (written by synthetic.py), or None if there are none."""
+def load_truth(data_dir: str, split: str, objects: dict, all_renders: bool = False):
+    """Ground-truth renders of a split's conditions written by synthetic.py: (images, cond), one per condition
+    (<i>.png), or with all_renders every render of every condition; None where there are none."""
     folder = os.path.join(data_dir, "truth", split)
     if not os.path.isdir(folder):
         return None
     _, cond = load_conditions(data_dir, split, objects)
-    images = torch.stack([torch.from_numpy(read_image(os.path.join(folder, f"{i}.png"), 64)).permute(2, 0, 1)
-                          for i in range(len(cond))])
-    return to_float(images), cond
+    files, rows = [], []
+    for i in range(len(cond)):
+        for name in sorted(f for f in os.listdir(folder) if f == f"{i}.png" or (all_renders and f.startswith(f"{i}_"))):
+            files.append(os.path.join(folder, name))
+            rows.append(i)
+    images = torch.stack([torch.from_numpy(read_image(f, 64)).permute(2, 0, 1) for f in files])
+    return to_float(images), cond[rows]
 
 
 def train_classifier(args) -> None:

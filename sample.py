@@ -27,7 +27,7 @@ from schedule import ddim_step, ddpm_schedules, ddpm_step, guided_eps, timesteps
 @torch.inference_mode()
 def sample_images(model: ContextUnet, cond: torch.Tensor, sched: dict, w: float = 0.5, sampler: str = "ddpm",
                   steps: int = 50, seed: int = 0, n_frames: int = 0, batched_guidance: bool = True,
-                  progress: bool = False):
+                  bf16: bool = None, progress: bool = False):
     """Draw one image per row of cond (N, 24). Returns x0 (N, 3, S, S) in [-1, 1] and, if n_frames > 0, that many
     snapshots of x_t from pure noise to the result. The noise comes from its own generator seeded with `seed`, so
     the output does not depend on what else ran before."""
@@ -43,7 +43,7 @@ def sample_images(model: ContextUnet, cond: torch.Tensor, sched: dict, w: float 
     ts = timesteps(T, sampler, steps)
     record = {round(i * (len(ts) - 1) / (n_frames - 1)) for i in range(n_frames)} if n_frames > 1 else set()
     frames = [x_t.float().cpu()] if 0 in record else []
-    use_bf16 = device.type == "cuda"
+    use_bf16 = device.type == "cuda" if bf16 is None else bf16  # bf16 by default on CUDA
     for i, (t, t_prev) in enumerate(tqdm(list(zip(ts[:-1], ts[1:])), desc=f"sampling ({sampler})",
                                          disable=not progress, leave=False)):
         t_in = torch.full((n,), t / T, device=device)  # the net sees t scaled to [0, 1]
@@ -91,7 +91,10 @@ def load_model(ckpt_path: str, device: torch.device, use_ema: bool = True):
     except Exception as e:  # truncated file, foreign pickle, or weights of another configuration
         raise UserError(f"{ckpt_path}: not a usable checkpoint of this project ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:150]}); retrain or point --ckpt at another file")
-    return model.to(device).eval(), ckpt
+    model = model.to(device).eval()
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model, ckpt
 
 
 def get_args(argv=None):

@@ -27,7 +27,7 @@ RGB = {"gray": (87, 87, 87), "red": (173, 35, 35), "blue": (42, 75, 215), "green
        "brown": (129, 74, 25), "purple": (129, 38, 192), "cyan": (41, 208, 208), "yellow": (255, 238, 51)}
 SIZES = {"large": 0.7, "small": 0.5}  # object "radius" in floor units; the floor area used is about 6 x 6
 WIDTH, HEIGHT, SS = 128, 96, 2  # 4:3 frames like the real set's, rendered at 2x2 samples per pixel
-MIN_VISIBLE = 30  # pixels an object must keep at 64x64, after occlusion
+MIN_VISIBLE = 40  # pixels an object must keep at 64x64, after occlusion
 FLOOR = np.array([0.66, 0.66, 0.65])
 
 
@@ -118,12 +118,12 @@ def hit(o, d, obj):
 def camera_rays(rng, width, height):
     """A jittered perspective camera above and in front of the scene; returns its origin and (H*W, 3) directions."""
     eye = np.array([rng.uniform(-0.4, 0.4), -9.0 + rng.uniform(-0.3, 0.3), 6.8 + rng.uniform(-0.3, 0.3)])
-    target = np.array([0.0, 0.6, 0.0])
+    target = np.array([0.0, 0.5, 0.0])
     fwd = (target - eye) / np.linalg.norm(target - eye)
     right = np.cross(fwd, [0, 0, 1.0])
     right /= np.linalg.norm(right)
     up = np.cross(right, fwd)
-    tan_x = np.tan(np.radians(21))
+    tan_x = np.tan(np.radians(14))  # a narrow view: objects big enough to tell a cube from a cylinder at 32x32
     u = ((np.arange(width) + 0.5) / width * 2 - 1) * tan_x
     v = ((np.arange(height) + 0.5) / height * 2 - 1) * tan_x * height / width
     uu, vv = np.meshgrid(u, -v)
@@ -232,7 +232,7 @@ def place(names, rng, view, max_tries: int = 500):
             obj = {"name": name, "color": color, "shape": shape, "size": size, "r": SIZES[size],
                    "material": str(rng.choice(["rubber", "metal"])), "angle": rng.uniform(0, np.pi / 2)}
             for _ in range(50):
-                obj["x"], obj["y"] = rng.uniform(-3.0, 3.0), rng.uniform(-2.4, 3.4)
+                obj["x"], obj["y"] = rng.uniform(-2.2, 2.2), rng.uniform(-1.5, 2.5)
                 if all(np.hypot(obj["x"] - o["x"], obj["y"] - o["y"]) > footprint(obj) + footprint(o) + 0.15
                        for o in objects):
                     objects.append(obj)
@@ -268,6 +268,20 @@ def render_one(job):
     Image.fromarray(render(place(names, rng, view), view, rng)).save(path)
 
 
+TRUTH_PER_CONDITION = 4  # <i>.png and <i>_1.png ... : several renders per condition, for the Frechet distance
+
+
+def truth_render_jobs(out_dir: str, splits: dict, seed: int, per_condition: int = TRUTH_PER_CONDITION) -> list:
+    jobs = []
+    for split, lists in splits.items():
+        os.makedirs(os.path.join(out_dir, "truth", split), exist_ok=True)
+        for i, c in enumerate(lists):
+            for k in range(per_condition):
+                name = f"{i}.png" if k == 0 else f"{i}_{k}.png"
+                jobs.append((len(jobs), c, os.path.join(out_dir, "truth", split, name), seed))
+    return jobs
+
+
 def contact_sheet(data_dir: str, rows: list, n: int = 24, cols: int = 6) -> None:
     cell_w, cell_h = 128, 96 + 36
     sheet = Image.new("RGB", (cols * cell_w, (n // cols) * cell_h), (255, 255, 255))
@@ -281,7 +295,8 @@ def contact_sheet(data_dir: str, rows: list, n: int = 24, cols: int = 6) -> None
     sheet.save(os.path.join(data_dir, "contact_sheet.png"))
 
 
-def render_dataset(out_dir: str, scenes: int = 6003, seed: int = 0, workers: int = None) -> None:
+def render_dataset(out_dir: str, scenes: int = 6003, seed: int = 0, workers: int = None,
+                   truth_per_condition: int = TRUTH_PER_CONDITION) -> None:
     t0 = time.time()
     os.makedirs(os.path.join(out_dir, "iclevr"), exist_ok=True)
     names = object_names()
@@ -304,11 +319,7 @@ def render_dataset(out_dir: str, scenes: int = 6003, seed: int = 0, workers: int
 
     workers = workers or os.cpu_count() or 1
     jobs = [(i, scene_names[i], os.path.join(out_dir, "iclevr"), seed, "CLEVR_train") for i in range(scenes)]
-    truth_jobs = []
-    for split, lists in (("test", test), ("new_test", new_test)):
-        os.makedirs(os.path.join(out_dir, "truth", split), exist_ok=True)
-        truth_jobs += [(len(truth_jobs) + i, c, os.path.join(out_dir, "truth", split, f"{i}.png"), seed)
-                       for i, c in enumerate(lists)]
+    truth_jobs = truth_render_jobs(out_dir, {"test": test, "new_test": new_test}, seed, truth_per_condition)
     with Pool(workers) as pool:
         rows = [r for rs in tqdm(pool.imap(render_scene, jobs, chunksize=8), total=scenes,
                                  desc=f"rendering {scenes} scenes x 3") for r in rs]
@@ -321,7 +332,7 @@ def render_dataset(out_dir: str, scenes: int = 6003, seed: int = 0, workers: int
     with open(os.path.join(out_dir, "synthetic.json"), "w") as f:
         json.dump({"scenes": scenes, "seed": seed, "size": [WIDTH, HEIGHT], "minutes": round(minutes, 2),
                    "workers": workers}, f)
-    print(f"synthetic i-CLEVR: {len(rows)} images of {scenes} scenes + 64 ground-truth renders in {out_dir} "
+    print(f"synthetic i-CLEVR: {len(rows)} images of {scenes} scenes + {len(truth_jobs)} ground-truth renders in {out_dir} "
           f"({minutes:.1f} min on {workers} processes); contact sheet {out_dir}/contact_sheet.png")
 
 

@@ -12,5 +12,5 @@ def tiny_data(tmp_path_factory):
     """A 12-scene synthetic set (36 images) in the course's layout, rendered once per test session."""
     import synthetic
     out = str(tmp_path_factory.mktemp("data") / "tiny")
-    synthetic.render_dataset(out, scenes=12, seed=1, workers=1)
+    synthetic.render_dataset(out, scenes=12, seed=1, workers=1, truth_per_condition=2)
     return out

@@ -74,3 +74,22 @@ def test_missing_or_corrupt_classifier_weights_are_a_user_error(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="not a readable classifier"):
         evaluation_model(str(bad), "cpu")
+
+
+def test_frechet_distance_matches_the_closed_form_for_gaussians():
+    from evaluator import frechet_from_stats, frechet_distance
+    d = 5
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(d, d, generator=g, dtype=torch.float64)
+    cov_b = m @ m.T + 0.1 * torch.eye(d, dtype=torch.float64)
+    mu_a, mu_b = torch.zeros(d, dtype=torch.float64), torch.ones(d, dtype=torch.float64)
+    a = 2.0  # cov_a = a I commutes with everything: tr(S_a + S_b - 2 sqrt(a S_b)) via the eigenvalues of S_b
+    lam = torch.linalg.eigvalsh(cov_b)
+    expected = d * 1.0 + d * a + lam.sum().item() - 2 * (a ** 0.5) * lam.sqrt().sum().item()
+    assert abs(frechet_from_stats(mu_a, a * torch.eye(d, dtype=torch.float64), mu_b, cov_b) - expected) < 1e-8
+    assert abs(frechet_from_stats(mu_b, cov_b, mu_b, cov_b)) < 1e-8
+    # from samples: two draws of the same Gaussian are close, a shifted one is |shift|^2 away
+    x = torch.randn(20000, 3, generator=g)
+    y = torch.randn(20000, 3, generator=g)
+    assert frechet_distance(x, y) < 0.01
+    assert abs(frechet_distance(x, x + torch.tensor([1.0, 0.0, 2.0])) - 5.0) < 1e-6  # same spread, shifted mean

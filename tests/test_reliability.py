@@ -29,7 +29,8 @@ def assert_same_state(a, b):
         for name in sa:
             assert torch.equal(sa[name], sb[name]), f"optimizer state {ka}.{name} differs"
     assert (a["epoch"], a["step"]) == (b["epoch"], b["step"])
-    assert torch.equal(a["rng"]["cpu"], b["rng"]["cpu"])
+    assert torch.equal(a["rng"]["ranks"][0]["cpu"], b["rng"]["ranks"][0]["cpu"])
+    assert torch.equal(a["rng"]["data"], b["rng"]["data"])
 
 
 def test_two_epochs_straight_equal_one_epoch_then_resume_bit_for_bit(tiny_data, tmp_path):
