@@ -180,9 +180,11 @@ def vignette(width, height):
 VIGNETTE = vignette(WIDTH * SS, HEIGHT * SS)  # the studio backdrop darkens towards the frame's edges
 
 
-def object_ids(objects, view):
-    """Which object each supersampled pixel sees (-1 floor): all that placement needs."""
-    return trace(view["eye"], view["d"], objects)[1]
+def object_ids(objects, view, step: int = 1):
+    """Which object each pixel sees (-1 floor): all that placement needs. step=2 traces one ray in 2x2 of the
+    supersampled grid, a quarter of the work, plenty to count visible pixels."""
+    d = view["d"].reshape(view["height"] * SS, view["width"] * SS, 3)[::step, ::step].reshape(-1, 3)
+    return trace(view["eye"], d, objects)[1]
 
 
 def visible_pixels(objects, ids):
@@ -240,7 +242,7 @@ def place(names, rng, view, max_tries: int = 500):
             else:
                 break
         # visibility only falls as objects are added, so checking the full scene checks every partial one
-        if len(objects) == len(names) and min(visible_pixels(objects, object_ids(objects, view))) >= MIN_VISIBLE:
+        if len(objects) == len(names) and min(visible_pixels(objects, object_ids(objects, view, 2))) >= MIN_VISIBLE:
             return objects
     raise RuntimeError(f"could not place {names} visibly in {max_tries} tries")
 

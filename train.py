@@ -35,7 +35,7 @@ PRESETS = {
     # A CPU has few optimizer steps to spend, and the condition is learned with steps, not epochs: a 32x32 image,
     # a narrow net, small batches and a higher learning rate buy many more of them (sampled images are upsampled
     # to 64x64, as the classifier saw its training images).
-    "cpu": dict(image_size=32, n_feat=64, batch_size=32, lr=1e-3, epochs=4, sample_every=1),
+    "cpu": dict(image_size=32, n_feat=32, batch_size=32, lr=1e-3, epochs=8, sample_every=2),
 }
 
 
