@@ -19,7 +19,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dataset import load_train, make_batch, read_image
+from dataset import HelpFormatter, load_train, make_batch, read_image
 from evaluator import resolve_device
 from model import ContextUnet
 from sample import sample_images
@@ -49,11 +49,15 @@ def matmul_peak(device) -> float:
     return 2 * n ** 3 / timed(lambda: a @ b, device, repeat=10 if device.type == "cuda" else 3)
 
 
-def forward_flops(model, size, n_classes=24) -> float:
-    x, c, t = torch.randn(1, 3, size, size), torch.zeros(1, n_classes), torch.rand(1)
+def counted_flops(model, size, backward=False) -> float:
+    """FLOPs per image of one forward pass (and its backward pass, if asked), counted on a batch of 2."""
+    x, c, t = torch.randn(2, 3, size, size), torch.zeros(2, 24), torch.rand(2)
+    model = model.cpu().train()
     with FlopCounterMode(display=False) as counter:
-        model.cpu()(x, c, t)
-    return counter.get_total_flops()
+        out = model(x, c, t)
+        if backward:
+            out.square().mean().backward()
+    return counter.get_total_flops() / 2
 
 
 def peak_memory(device) -> float:
@@ -77,7 +81,7 @@ class PngDataset(torch.utils.data.Dataset):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data-dir", default="data/synthetic", help="i-CLEVR folder for the data-loading rows")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--n-feat", type=int, default=128)
@@ -85,6 +89,8 @@ def main():
     p.add_argument("--T", type=int, default=400, help="DDPM steps for the sampling rows")
     p.add_argument("--train-steps", type=int, default=20, help="timed training steps per mode")
     p.add_argument("--quick", action="store_true", help="32px, n_feat 32, batch 32, T 100, few steps: about a minute on a CPU")
+    p.add_argument("--no-sample", action="store_true", help="skip the sampling rows (the default model on a CPU "
+                                                               "takes most of an hour to sample a split)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args()
@@ -93,11 +99,13 @@ def main():
     device = resolve_device(args.device)
     torch.manual_seed(0)
     model = ContextUnet(n_feat=args.n_feat, image_size=args.image_size)
-    flops = forward_flops(model, args.image_size)
+    flops = counted_flops(model, args.image_size)
+    train_flops = counted_flops(model, args.image_size, backward=True)
     peak = matmul_peak(device)
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or 'cpu'}, "
           f"{torch.get_num_threads()} threads); ContextUnet n_feat {args.n_feat}, {args.image_size}px; "
-          f"{flops / 1e9:.3f} GFLOP per image forward; matmul peak {peak / 1e12:.3f} TFLOP/s")
+          f"{flops / 1e9:.3f} GFLOP per image forward, {train_flops / 1e9:.3f} forward + backward; "
+          f"matmul peak {peak / 1e12:.3f} TFLOP/s")
 
     sched = {k: v.to(device) for k, v in ddpm_schedules(T=args.T).items()}
     cond = (torch.rand(args.batch_size, 24, device=device) < 0.08).float()
@@ -122,10 +130,10 @@ def main():
             torch.cuda.reset_peak_memory_stats()
         per_step = timed(step, device, args.train_steps)
         r = {"train_img_s": args.batch_size / per_step, "train_mem_gib": peak_memory(device)}
-        r["train_mfu"] = 3 * flops * r["train_img_s"] / peak  # backward is about twice the forward
+        r["train_mfu"] = train_flops * r["train_img_s"] / peak
         net.eval()
         split = cond[:32] if len(cond) >= 32 else cond.repeat(32 // len(cond) + 1, 1)[:32]
-        for sampler, steps in (("ddpm", args.T), ("ddim", 50)):
+        for sampler, steps in ((("ddpm", args.T), ("ddim", 50)) if not args.no_sample else ()):
             run = lambda: sample_images(net, split, sched, w=0.5, sampler=sampler, steps=steps,
                                         batched_guidance=fast, bf16=bf16)
             run()  # warm-up
@@ -179,6 +187,7 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": str(device), "args": vars(args), "gflop_per_image": flops / 1e9,
+                       "train_gflop_per_image": train_flops / 1e9,
                        "matmul_peak_tflops": peak / 1e12, **result}, f, indent=1)
 
 

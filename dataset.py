@@ -4,6 +4,7 @@ Pixels are [-1, 1] floats from here on (the course's ToTensor + Normalize(0.5, 0
 stored. Training images are decoded from PNG once, resized to S x S, and cached as one uint8 array next to the data,
 so later epochs and runs read no PNG.
 """
+import argparse
 import difflib
 import json
 import os
@@ -25,6 +26,13 @@ class UserError(Exception):
     """A mistake in the user's input: the scripts print its one-line message and exit with status 2."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows the module docstring as written and every option's default (unless its help names it)."""
+
+    def _get_help_string(self, action):
+        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
+
+
 def run_cli(fn, args) -> None:
     """Run a script's body; a UserError becomes one line on stderr and exit status 2, never a traceback."""
     try:
@@ -36,7 +44,7 @@ def run_cli(fn, args) -> None:
 
 def ensure_writable(folder: str, flag: str) -> None:
     """Create folder if needed and prove a file can be written there, before any work is done."""
-    probe = os.path.join(folder, ".write_test")
+    probe = os.path.join(folder, f".write_test.{os.getpid()}")  # per process: torchrun ranks probe at once
     try:
         os.makedirs(folder, exist_ok=True)
         with open(probe, "w"):

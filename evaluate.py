@@ -15,7 +15,7 @@ from collections import Counter
 import torch
 from PIL import Image
 
-from dataset import run_cli, COLORS, SHAPES, UserError, encode, load_objects, read_json, read_image, to_float
+from dataset import HelpFormatter, run_cli, COLORS, SHAPES, UserError, encode, load_objects, read_json, read_image, to_float
 from evaluator import (evaluation_model, frechet_distance, load_truth, make_parser as classifier_parser,
                        resolve_device, topk_hits, train_classifier)
 
@@ -66,12 +66,15 @@ def breakdown(probs: torch.Tensor, cond: torch.Tensor, conditions: list, names: 
             "worst": [(round(a, 3), conditions[i]) for a, i in worst]}
 
 
-def score_split(judge, samples_dir: str, split: str, objects: dict, names: list, truth_feats=None) -> dict:
+def score_split(judge, samples_dir: str, split: str, objects: dict, names: list, truth_feats=None):
+    """The breakdown of one sampled split (with its Frechet distance where truth features are given), and the
+    classifier features of its images."""
     images, cond, conditions = load_samples(samples_dir, split, objects)
     r = breakdown(judge.predict(images), cond, conditions, names)
+    feats = judge.features(images)
     if truth_feats is not None:
-        r["frechet"] = frechet_distance(judge.features(images), truth_feats)
-    return r
+        r["frechet"] = frechet_distance(feats, truth_feats)
+    return r, feats
 
 
 def truth_features(judge, data_dir: str, split: str, objects: dict):
@@ -95,9 +98,9 @@ def sweep(args, judge, data_dir, objects, names, splits) -> None:
                                         "--seed", str(seed), "--sampler", args.sampler, "--steps", str(args.steps),
                                         "--device", args.device]))
             for s in splits:
-                images, cond, conditions = load_samples(out, s, objects)
-                accs[s].append(breakdown(judge.predict(images), cond, conditions, names)["accuracy"])
-                feats[s].append(judge.features(images))
+                r, f = score_split(judge, out, s, objects, names)
+                accs[s].append(r["accuracy"])
+                feats[s].append(f)
         row = {"w": w}
         for s in splits:
             a = torch.tensor(accs[s])
@@ -116,7 +119,7 @@ def sweep(args, judge, data_dir, objects, names, splits) -> None:
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--split", default="both", help="test, new_test, both, or the name of any sampled split")
     p.add_argument("--samples-dir", default=None, help="what sample.py wrote (default: the checkpoint's folder/samples)")
     p.add_argument("--ckpt", default="out/ckpt.pt", help="the generator's checkpoint, read only to find its data folder")
@@ -159,7 +162,7 @@ def run(args) -> dict:
         return sweep(args, judge, data_dir, objects, names, splits)
     results = {}
     for split in splits:
-        r = score_split(judge, args.samples_dir, split, objects, names, truth_features(judge, data_dir, split, objects))
+        r, _ = score_split(judge, args.samples_dir, split, objects, names, truth_features(judge, data_dir, split, objects))
         results[split] = r
         order = [k for k in ["1 object", "2 objects", "3 objects"] + COLORS + SHAPES if k in r["by"]]
         fd = f", Frechet distance to ground-truth renders {r['frechet']:.2f}" if "frechet" in r else ""

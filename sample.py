@@ -18,7 +18,7 @@ import torchvision
 from PIL import Image
 from tqdm import tqdm
 
-from dataset import ensure_writable, run_cli, STRIP_CONDITION, UserError, encode, load_conditions, load_objects, to_uint8
+from dataset import HelpFormatter, ensure_writable, run_cli, STRIP_CONDITION, UserError, encode, load_conditions, load_objects, to_uint8
 from evaluator import resolve_device
 from model import ContextUnet
 from schedule import ddim_step, ddpm_schedules, ddpm_step, guided_eps, timesteps
@@ -98,7 +98,7 @@ def load_model(ckpt_path: str, device: torch.device, use_ema: bool = True):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint written by train.py")
     p.add_argument("--out-dir", default=None, help="where images go (default: the checkpoint's folder/samples)")
     p.add_argument("--data-dir", default=None, help="folder with objects.json and the split files "

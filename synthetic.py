@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from dataset import object_names
+from dataset import HelpFormatter, object_names
 
 RGB = {"gray": (87, 87, 87), "red": (173, 35, 35), "blue": (42, 75, 215), "green": (29, 105, 20),
        "brown": (129, 74, 25), "purple": (129, 38, 192), "cyan": (41, 208, 208), "yellow": (255, 238, 51)}
@@ -339,7 +339,7 @@ def render_dataset(out_dir: str, scenes: int = 6003, seed: int = 0, workers: int
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", default="data/synthetic", help="output folder")
     p.add_argument("--scenes", type=int, default=6003, help="scenes; each gives 3 images as in the real set")
     p.add_argument("--seed", type=int, default=0, help="same seed, same images")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from dataset import ensure_writable, run_cli, UserError, load_conditions, load_objects, load_train, make_batch
+from dataset import HelpFormatter, ensure_writable, run_cli, UserError, load_conditions, load_objects, load_train, make_batch
 from evaluator import resolve_device
 from model import ContextUnet, count_params, save_checkpoint
 from sample import sample_images, save_grid, to_64
@@ -40,7 +40,7 @@ PRESETS = {
 
 
 def make_parser(with_defaults: bool = True):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
                                 argument_default=None if with_defaults else argparse.SUPPRESS)
     d = (lambda v: v) if with_defaults else (lambda v: argparse.SUPPRESS)
     p.add_argument("--data-dir", default=d(None), help=f"i-CLEVR folder (default: {DEFAULT_DATA_DIR}, rendered if absent)")

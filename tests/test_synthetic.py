@@ -23,7 +23,7 @@ def test_layout_matches_the_course_files(tiny_data):
     for split in ("test", "new_test"):
         with open(os.path.join(tiny_data, f"{split}.json")) as f:
             assert len(json.load(f)) == 32
-        assert len(os.listdir(os.path.join(tiny_data, "truth", split))) == 32
+        assert len(os.listdir(os.path.join(tiny_data, "truth", split))) == 32 * 2  # truth_per_condition=2 here
 
 
 def test_new_test_object_sets_never_occur_in_train(tiny_data):
