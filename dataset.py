@@ -120,10 +120,14 @@ def find_image_dir(data_dir: str, image_dir: str = None) -> str:
     raise UserError(f"{candidates[0]}: image folder not found; put the training PNGs there or pass --image-dir")
 
 
-def read_image(path: str, size: int) -> np.ndarray:
-    """One PNG -> (size, size, 3) uint8. Grayscale and RGBA are converted, not refused."""
+def read_image(path: str, size: int, exact: bool = False) -> np.ndarray:
+    """One PNG -> (size, size, 3) uint8, resized unless exact (then another size is refused). Grayscale and RGBA
+    are converted, not refused."""
     try:
         with Image.open(path) as im:
+            if exact and im.size != (size, size):
+                raise UserError(f"{path}: image is {im.size[0]}x{im.size[1]}, the classifier needs {size}x{size}; "
+                                f"resample with python sample.py")
             im = im.convert("RGB")
             if im.size != (size, size):
                 im = im.resize((size, size), Image.BILINEAR)  # PIL's bilinear is antialiased, like transforms.Resize

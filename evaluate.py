@@ -13,7 +13,6 @@ import time
 from collections import Counter
 
 import torch
-from PIL import Image
 
 from dataset import HelpFormatter, run_cli, COLORS, SHAPES, UserError, encode, load_objects, read_json, read_image, to_float
 from evaluator import (evaluation_model, frechet_distance, load_truth, make_parser as classifier_parser,
@@ -33,11 +32,7 @@ def load_samples(samples_dir: str, split: str, objects: dict):
         path = os.path.join(samples_dir, split, f"{i}.png")
         if not os.path.isfile(path):
             raise UserError(f"{path}: image missing ({len(conditions)} expected); run python sample.py again")
-        with Image.open(path) as im:
-            if im.size != (64, 64):
-                raise UserError(f"{path}: image is {im.size[0]}x{im.size[1]}, the classifier needs 64x64; "
-                                f"resample with python sample.py")
-        images.append(torch.from_numpy(read_image(path, 64)).permute(2, 0, 1))
+        images.append(torch.from_numpy(read_image(path, 64, exact=True)).permute(2, 0, 1))  # each PNG opened once
     return to_float(torch.stack(images)), cond, conditions
 
 
