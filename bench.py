@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dataset import HelpFormatter, load_train, make_batch, read_image
 from evaluator import resolve_device
-from model import ContextUnet
+from model import ContextUnet, fold_batchnorm
 from sample import sample_images
 from schedule import ddpm_schedules
 from train import diffusion_loss
@@ -131,6 +131,8 @@ def main():
         per_step = timed(step, device, args.train_steps)
         r = {"train_img_s": args.batch_size / per_step, "train_mem_gib": peak_memory(device)}
         r["train_mfu"] = train_flops * r["train_img_s"] / peak
+        if fast:  # sampling folds BatchNorm into the convolutions, as sample.py does
+            net = fold_batchnorm(net.eval())
         net.eval()
         split = cond[:32] if len(cond) >= 32 else cond.repeat(32 // len(cond) + 1, 1)[:32]
         for sampler, steps in ((("ddpm", args.T), ("ddim", 50)) if not args.no_sample else ()):

@@ -84,11 +84,12 @@ def sweep(args, judge, data_dir, objects, names, splits) -> None:
     ws = [float(w) for w in args.sweep.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     truth = {s: truth_features(judge, data_dir, s, objects) for s in splits}
+    tag = f"ddim{args.steps}" if args.sampler == "ddim" else "ddpm"  # a DDPM sweep does not overwrite a DDIM one
     table = []
     for w in ws:
         accs, feats = {s: [] for s in splits}, {s: [] for s in splits}
         for seed in seeds:
-            out = os.path.join(args.samples_dir, "sweep", f"w{w:g}_seed{seed}")
+            out = os.path.join(args.samples_dir, "sweep", f"{tag}_w{w:g}_seed{seed}")
             sample.run(sample.get_args(["--ckpt", args.ckpt, "--data-dir", data_dir, "--out-dir", out, "--w", str(w),
                                         "--seed", str(seed), "--sampler", args.sampler, "--steps", str(args.steps),
                                         "--device", args.device]))
@@ -109,7 +110,7 @@ def sweep(args, judge, data_dir, objects, names, splits) -> None:
     for row in table:
         print(f"{row['w']:6.2f}" + "".join(f"  {row[s]['mean']:10.4f} +- {row[s]['std']:.4f}  "
                                            f"{row[s].get('frechet', float('nan')):7.2f}" for s in splits))
-    with open(os.path.join(args.samples_dir, "sweep.json"), "w") as f:
+    with open(os.path.join(args.samples_dir, f"sweep_{tag}.json"), "w") as f:
         json.dump(table, f, indent=1)
 
 

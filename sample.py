@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from dataset import HelpFormatter, ensure_writable, run_cli, STRIP_CONDITION, UserError, encode, load_conditions, load_objects, to_uint8
 from evaluator import resolve_device
-from model import ContextUnet
+from model import ContextUnet, fold_batchnorm
 from schedule import ddim_step, ddpm_schedules, ddpm_step, guided_eps, timesteps
 
 
@@ -91,7 +91,7 @@ def load_model(ckpt_path: str, device: torch.device, use_ema: bool = True):
     except Exception as e:  # truncated file, foreign pickle, or weights of another configuration
         raise UserError(f"{ckpt_path}: not a usable checkpoint of this project ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:150]}); retrain or point --ckpt at another file")
-    model = model.to(device).eval()
+    model = fold_batchnorm(model.to(device).eval())  # sampling never trains it again
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     return model, ckpt

@@ -27,7 +27,8 @@ RGB = {"gray": (87, 87, 87), "red": (173, 35, 35), "blue": (42, 75, 215), "green
        "brown": (129, 74, 25), "purple": (129, 38, 192), "cyan": (41, 208, 208), "yellow": (255, 238, 51)}
 SIZES = {"large": 0.7, "small": 0.5}  # object "radius" in floor units; the floor area used is about 6 x 6
 WIDTH, HEIGHT, SS = 128, 96, 2  # 4:3 frames like the real set's, rendered at 2x2 samples per pixel
-MIN_VISIBLE = 40  # pixels an object must keep at 64x64, after occlusion
+MIN_VISIBLE = 40  # pixels an object must keep at 64x64, after occlusion ...
+MIN_VISIBLE_FRACTION = 0.6  # ... and this share of its own silhouette: a cube half hidden behind another reads as anything
 FLOOR = np.array([0.66, 0.66, 0.65])
 
 
@@ -192,6 +193,17 @@ def visible_pixels(objects, ids):
     return [int(np.sum(ids == i) * 64 * 64 / len(ids)) for i in range(len(objects))]
 
 
+def visibility(objects, view, step: int = 2):
+    """Each object's visible pixels at 64x64 and the fraction of its own in-frame silhouette that they are. Objects
+    stand on the floor below the camera, so only other objects can hide them: one hit test per object suffices."""
+    d = view["d"].reshape(view["height"] * SS, view["width"] * SS, 3)[::step, ::step].reshape(-1, 3)
+    dist = np.stack([hit(view["eye"], d, obj)[0] for obj in objects])  # (objects, rays), inf where missed
+    front = np.where(np.isfinite(dist.min(0)), dist.argmin(0), -1)
+    seen = np.array([np.sum(front == i) for i in range(len(objects))])
+    whole = np.isfinite(dist).sum(1)
+    return seen * 64 * 64 / len(d), seen / np.maximum(whole, 1)
+
+
 def render(objects, view, rng):
     """The (height, width, 3) uint8 image of objects seen through view."""
     width, height = view["width"], view["height"]
@@ -242,8 +254,10 @@ def place(names, rng, view, max_tries: int = 500):
             else:
                 break
         # visibility only falls as objects are added, so checking the full scene checks every partial one
-        if len(objects) == len(names) and min(visible_pixels(objects, object_ids(objects, view, 2))) >= MIN_VISIBLE:
-            return objects
+        if len(objects) == len(names):
+            pixels, fraction = visibility(objects, view)
+            if pixels.min() >= MIN_VISIBLE and fraction.min() >= MIN_VISIBLE_FRACTION:
+                return objects
     raise RuntimeError(f"could not place {names} visibly in {max_tries} tries")
 
 

@@ -35,7 +35,7 @@ def test_train_sample_evaluate_end_to_end(tiny_data, tmp_path):
     assert "Frechet distance to ground-truth renders" in p.stdout  # the tiny set has ground-truth renders
     p = run("evaluate.py", "--ckpt", f"{out}/ckpt.pt", "--classifier", str(tmp_path / "clf.pth"),
             "--sweep", "0,2", "--seeds", "0,1", "--steps", "5")
-    with open(f"{out}/samples/sweep.json") as f:
+    with open(f"{out}/samples/sweep_ddim5.json") as f:
         table = json.load(f)
     assert [row["w"] for row in table] == [0.0, 2.0]
     assert all(len(row[s]["per_seed"]) == 2 and row[s]["frechet"] >= 0 for row in table for s in ("test", "new_test"))

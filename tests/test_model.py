@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import ContextUnet, count_params
+from model import ContextUnet, count_params, fold_batchnorm
 
 
 @pytest.mark.parametrize("size", [16, 32])
@@ -45,3 +45,20 @@ def test_model_overfits_one_small_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 20, (losses[0], losses[-1])
+
+
+def test_folding_batchnorm_keeps_the_outputs():
+    torch.manual_seed(0)
+    model = ContextUnet(n_feat=8, image_size=16)
+    for m in model.modules():  # non-trivial running statistics and affine parameters, as after training
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    model.eval()
+    x, c, t = torch.randn(3, 3, 16, 16), (torch.rand(3, 24) < 0.1).float(), torch.rand(3)
+    before = model(x, c, t)
+    fold_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    torch.testing.assert_close(model(x, c, t), before, rtol=1e-4, atol=1e-5)

@@ -54,7 +54,11 @@ def test_placed_objects_do_not_intersect_and_each_stays_visible():
                 gap = np.hypot(objs[p]["x"] - objs[q]["x"], objs[p]["y"] - objs[q]["y"])
                 assert gap > synthetic.footprint(objs[p]) + synthetic.footprint(objs[q])
         # placement counts on a 2x coarser grid; at full resolution the count may differ by a few pixels
-        assert min(synthetic.visible_pixels(objs, synthetic.object_ids(objs, view))) >= 0.85 * synthetic.MIN_VISIBLE
+        ids = synthetic.object_ids(objs, view)
+        assert min(synthetic.visible_pixels(objs, ids)) >= 0.85 * synthetic.MIN_VISIBLE
+        for k, obj in enumerate(objs):  # the share left by the others, against the object rendered alone
+            alone = np.sum(synthetic.object_ids([obj], view) == 0)
+            assert np.sum(ids == k) >= 0.9 * synthetic.MIN_VISIBLE_FRACTION * alone
 
 
 def test_an_object_is_drawn_in_its_colour():
