@@ -33,9 +33,9 @@ DEFAULT_DATA_DIR = "data/synthetic"
 MODEL_KEYS = ("image_size", "n_feat", "T", "beta1", "beta2", "schedule")
 PRESETS = {
     # A CPU has few optimizer steps to spend, and the condition is learned with steps, not epochs: a 32x32 image,
-    # a narrow net, small batches and a higher learning rate buy many more of them (sampled images are upsampled
-    # to 64x64, as the classifier saw its training images).
-    "cpu": dict(image_size=32, n_feat=32, batch_size=32, lr=1e-3, epochs=8, sample_every=2),
+    # a narrow net, batches of 16 (as many images per second as 32 on a CPU, twice the steps) and a higher
+    # learning rate buy many more of them (samples are upsampled to 64x64, as the classifier saw its training images).
+    "cpu": dict(image_size=32, n_feat=32, batch_size=16, lr=1e-3, epochs=8, sample_every=2),
 }
 
 
