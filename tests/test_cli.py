@@ -40,3 +40,13 @@ def test_train_sample_evaluate_end_to_end(tiny_data, tmp_path):
     assert [row["w"] for row in table] == [0.0, 2.0]
     assert all(len(row[s]["per_seed"]) == 2 and row[s]["frechet"] >= 0 for row in table for s in ("test", "new_test"))
     assert "guidance sweep" in p.stdout
+
+
+def test_preset_fills_defaults_and_explicit_flags_win():
+    from train import PRESETS, get_args
+    args = get_args(["--preset", "cpu", "--epochs", "3"])
+    assert args.epochs == 3  # given on the command line: the preset must not overwrite it
+    for key in ("image_size", "n_feat", "batch_size", "lr"):
+        assert getattr(args, key) == PRESETS["cpu"][key], key
+    plain = get_args([])
+    assert (plain.image_size, plain.n_feat, plain.epochs) == (64, 128, 300)
