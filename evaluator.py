@@ -209,7 +209,7 @@ def make_parser():
     p.add_argument("--data-dir", default="data/synthetic", help="i-CLEVR layout folder to train on")
     p.add_argument("--image-dir", default=None, help="image folder (default: DATA_DIR/iclevr)")
     p.add_argument("--out", default=None, help="where to save the weights (default: DATA_DIR/checkpoint.pth)")
-    p.add_argument("--epochs", type=int, default=8, help="training epochs")
+    p.add_argument("--epochs", type=int, default=12, help="training epochs")
     p.add_argument("--batch-size", type=int, default=128, help="batch size")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (one-cycle)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="fraction of scenes held out for validation")

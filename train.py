@@ -33,7 +33,7 @@ DEFAULT_DATA_DIR = "data/synthetic"
 MODEL_KEYS = ("image_size", "n_feat", "T", "beta1", "beta2", "schedule")
 PRESETS = {
     # A CPU has few optimizer steps to spend, and the condition is learned with steps, not epochs: a 32x32 image,
-    # a net of width 16 (2.2x the images/s of width 32, and twice its accuracy in the same half hour), batches of 16
+    # a net of width 16 (2.2x the images/s of width 32, and higher accuracy in the same half hour), batches of 16
     # (as many images per second as 32 on a CPU, twice the steps) and a higher learning rate buy 22500 of them.
     # Samples are upsampled to 64x64, as the classifier saw a quarter of its training images.
     "cpu": dict(image_size=32, n_feat=16, batch_size=16, lr=1e-3, epochs=20, sample_every=5),
