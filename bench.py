@@ -3,29 +3,35 @@
     python bench.py                  # the default model (n_feat 128, 64x64, batch 128) on whatever device is here
     python bench.py --quick          # a small configuration that finishes in about a minute on a 2-core CPU
 
-"fast" is what train.py and sample.py do: the data set held as one uint8 tensor on the device, bf16 autocast and
-channels_last on CUDA, guidance as one batched forward pass of 2N; for sampling, BatchNorm folded into the
-convolutions and channels_last on any device. "plain" is float32, no channels_last,
-conditional and unconditional passes run separately, and PNGs decoded every epoch by a DataLoader.
+"fast" is what train.py and sample.py do by default: train.py's own step function (batch gathered from one uint8
+tensor on the device, the per-step loss sync, the EMA update), the precision --precision resolves to (bf16 or fp16
+on a GPU), channels_last and fused Adam on CUDA, guidance as one batched forward pass of 2N; for sampling,
+BatchNorm folded into the convolutions and channels_last on any device. "plain" is float32 with TF32 off, NCHW,
+for-each Adam, conditional and unconditional passes run separately, and PNGs decoded every epoch by a DataLoader.
+The once-an-epoch cost (EMA BatchNorm statistics and the checkpoint write) is its own row.
 FLOPs are counted with torch.utils.flop_counter (one multiply-add = 2 FLOPs); the peak is a large matrix product
 timed in the same run. Prints a table and writes it as JSON (--json).
 """
 import argparse
+import copy
 import json
 import os
 import platform
 import resource
+import tempfile
 import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dataset import HelpFormatter, load_train, make_batch, read_image
-from evaluator import resolve_device
-from model import ContextUnet, fold_batchnorm
+from device import PRECISIONS, resolve_device, resolve_precision, resolve_switch, setup_backends
+from model import ContextUnet, fold_batchnorm, save_checkpoint
 from sample import sample_images
 from schedule import ddpm_schedules
-from train import diffusion_loss
+from train import bn_batches, make_trainer, refresh_bn_stats, train_step
+
+EPOCH_IMAGES = 18009  # one epoch of the i-CLEVR training set
 
 
 def sync(device):
@@ -82,7 +88,7 @@ class PngDataset(torch.utils.data.Dataset):
         return torch.from_numpy(read_image(self.files[i], self.size)).permute(2, 0, 1).float() / 127.5 - 1
 
 
-def main():
+def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data-dir", default="data/synthetic", help="i-CLEVR folder for the data-loading rows")
     p.add_argument("--image-size", type=int, default=64)
@@ -94,11 +100,25 @@ def main():
     p.add_argument("--no-sample", action="store_true", help="skip the sampling rows (the default model on a CPU "
                                                                "takes most of an hour to sample a split)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="fast mode's precision (plain is fp32)")
+    p.add_argument("--channels-last", default="auto", choices=["auto", "1", "0"], help="fast mode's layout (auto: on CUDA)")
+    p.add_argument("--fused-adam", default="auto", choices=["auto", "1", "0"], help="fast mode's Adam (auto: on CUDA)")
+    p.add_argument("--compile", type=int, default=0, help="1: add a column with the training step torch.compiled")
     p.add_argument("--json", default=None, help="also write the figures here")
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    run(get_args(argv))
+
+
+def run(args):
     if args.quick:
         args.image_size, args.n_feat, args.batch_size, args.T, args.train_steps = 32, 32, 32, 100, 5
     device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    cl = resolve_switch(args.channels_last, device, "--channels-last")
+    fused = resolve_switch(args.fused_adam, device, "--fused-adam")
     torch.manual_seed(0)
     model = ContextUnet(n_feat=args.n_feat, image_size=args.image_size)
     flops = counted_flops(model, args.image_size)
@@ -110,42 +130,55 @@ def main():
           f"matmul peak {peak / 1e12:.3f} TFLOP/s")
 
     sched = {k: v.to(device) for k, v in ddpm_schedules(T=args.T).items()}
-    cond = (torch.rand(args.batch_size, 24, device=device) < 0.08).float()
-    x0 = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device) * 2 - 1
+    n_images = max(1024, 4 * args.batch_size)  # random uint8 images, gathered from the device as train.py does
+    images = torch.randint(0, 256, (n_images, 3, args.image_size, args.image_size), dtype=torch.uint8, device=device)
+    cond = (torch.rand(n_images, 24, device=device) < 0.08).float()
+    hp = argparse.Namespace(n_feat=args.n_feat, image_size=args.image_size, lr=1e-4, hflip=1, drop_prob=0.1, ema_decay=0.999,
+                            cond_bottleneck=0)
+    modes = {"fast": (precision, cl, fused, False), "plain": ("fp32", False, False, False)}
+    if args.compile:
+        modes["compiled"] = (precision, cl, fused, True)
     result = {}
-    for mode in ("fast", "plain"):
-        fast = mode == "fast"
-        net = ContextUnet(n_feat=args.n_feat, image_size=args.image_size).to(device)
-        if fast and device.type == "cuda":
-            net = net.to(memory_format=torch.channels_last)
-        opt = torch.optim.Adam(net.parameters(), lr=1e-4, fused=fast and device.type == "cuda")
-        bf16 = fast and device.type == "cuda"
+    for mode, (prec, channels_last, fused_adam, compiled) in modes.items():
+        setup_backends(device, prec)  # plain: fp32 is float32, TF32 off
+        torch.manual_seed(0)
+        r = make_trainer(hp, device, prec, channels_last, fused_adam, images, cond, sched)
+        if compiled:
+            r.net = torch.compile(r.model)
+        perm = torch.randperm(n_images, device=device)
+        batches = iter(range(10 ** 9))
 
-        def step():
-            loss = diffusion_loss(net, x0, cond, sched, 0.1, bf16)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        def step():  # train.py's step: gather, loss, per-step loss sync, backward, Adam, EMA
+            b = next(batches) % (n_images // args.batch_size)
+            train_step(r, perm[b * args.batch_size:(b + 1) * args.batch_size], b, False)
 
-        step()
+        for _ in range(3 if compiled else 1):
+            step()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         per_step = timed(step, device, args.train_steps)
-        r = {"train_img_s": args.batch_size / per_step, "train_mem_gib": peak_memory(device)}
-        r["train_mfu"] = train_flops * r["train_img_s"] / peak
-        if fast:  # sampling folds BatchNorm into the convolutions and uses channels_last, as sample.py does
-            net = fold_batchnorm(net.eval()).to(memory_format=torch.channels_last)
-        net.eval()
-        split = cond[:32] if len(cond) >= 32 else cond.repeat(32 // len(cond) + 1, 1)[:32]
-        for sampler, steps in ((("ddpm", args.T), ("ddim", 50)) if not args.no_sample else ()):
-            run = lambda: sample_images(net, split, sched, w=0.5, sampler=sampler, steps=steps,
-                                        batched_guidance=fast, bf16=bf16)
-            run()  # warm-up
-            seconds = timed(run, device)
-            r[f"{sampler}_s"] = seconds
+        res = {"train_img_s": args.batch_size / per_step, "train_mem_gib": peak_memory(device)}
+        res["train_mfu"] = train_flops * res["train_img_s"] / peak
+        with tempfile.TemporaryDirectory() as tmp:  # what train.py adds once an epoch: EMA statistics and the save
+            def save():
+                refresh_bn_stats(r.ema, bn_batches(images, cond, sched, 0.1, 0, 1024, args.batch_size), prec, channels_last)
+                save_checkpoint({"model": r.model.state_dict(), "ema": r.ema.state_dict(),
+                                 "optimizer": r.opt.state_dict()}, os.path.join(tmp, "ckpt.pt"))
+            res["ckpt_s"] = timed(save, device)
+        res["ckpt_share"] = res["ckpt_s"] / (EPOCH_IMAGES / res["train_img_s"] + res["ckpt_s"])
+        net = r.ema.eval()
+        if mode != "plain":  # sampling folds BatchNorm into the convolutions and uses channels_last, as sample.py does
+            net = fold_batchnorm(copy.deepcopy(net)).to(memory_format=torch.channels_last)
+        split = cond[:32]
+        for sampler, steps in ((("ddpm", args.T), ("ddim", 50)) if not args.no_sample and not compiled else ()):
+            draw = lambda: sample_images(net, split, sched, w=0.5, sampler=sampler, steps=steps,
+                                         batched_guidance=mode != "plain", precision=prec)
+            draw()  # warm-up
+            seconds = timed(draw, device)
+            res[f"{sampler}_s"] = seconds
             n_fwd = min(steps, args.T) * 64  # 32 conditional + 32 unconditional forwards per step
-            r[f"{sampler}_mfu"] = flops * n_fwd / seconds / peak
-        result[mode] = r
+            res[f"{sampler}_mfu"] = flops * n_fwd / seconds / peak
+        result[mode] = res
 
     # one epoch of input pipeline alone: device-resident uint8 gather vs DataLoader decoding PNGs
     if os.path.isfile(os.path.join(args.data_dir, "train.json")):
@@ -173,19 +206,24 @@ def main():
 
     names = {"train_img_s": ("training throughput", "img/s", True), "train_mfu": ("training FLOP/s / matmul peak", "", True),
              "train_mem_gib": ("peak memory, training", "GiB", False),
+             "ckpt_s": ("EMA statistics + checkpoint, once an epoch", "s", False),
+             "ckpt_share": ("  as a share of an 18009-image epoch", "", False),
              "ddpm_s": (f"sample 32 images, DDPM {args.T} steps, w=0.5", "s", False),
              "ddpm_mfu": ("  its FLOP/s / matmul peak", "", True),
              "ddim_s": ("sample 32 images, DDIM 50 steps, w=0.5", "s", False), "ddim_mfu": ("  its FLOP/s / matmul peak", "", True),
              "load_epoch_s": ("data loading alone, one epoch", "s", False),
              "load_share": ("  as a share of a training epoch", "", False)}
-    print(f"\n{'':48s} {'fast':>10s} {'plain':>10s} {'fast gain':>10s}")
+    print(f"\nfast: {precision}{', channels_last' if cl else ''}{', fused Adam' if fused else ''}; plain: fp32 "
+          f"(TF32 off), NCHW, Adam for-each" + ("; compiled: fast + torch.compile" if args.compile else ""))
+    print(f"{'':48s} {'fast':>10s} {'plain':>10s} {'fast gain':>10s}" + (f" {'compiled':>10s}" if args.compile else ""))
     for key, (label, unit, higher_better) in names.items():
         if key not in result["fast"]:
             continue
         f, pl = result["fast"][key], result["plain"][key]
         gain = (f / pl if higher_better else pl / f) if f and pl else float("nan")
         fmt = (lambda v: f"{100 * v:9.1f}%") if unit == "" else (lambda v: f"{v:10.3f}" if v < 100 else f"{v:10.0f}")
-        print(f"{label + (' (' + unit + ')' if unit else ''):48s} {fmt(f)} {fmt(pl)} {gain:9.2f}x")
+        extra = f" {fmt(result['compiled'][key])}" if key in result.get("compiled", {}) else ""
+        print(f"{label + (' (' + unit + ')' if unit else ''):48s} {fmt(f)} {fmt(pl)} {gain:9.2f}x{extra}")
     if device.type == "cpu":
         print("(on CPU the resident-memory figure is the whole process's peak so far, not per mode)")
     if args.json:

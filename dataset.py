@@ -102,14 +102,34 @@ def encode(conditions: list, objects: dict, path: str) -> torch.Tensor:
     return cond
 
 
-def load_conditions(data_dir: str, split: str, objects: dict):
-    """A split name ('test', 'new_test') read from data_dir, or the path of any file in the same format.
-    Returns (list of name lists, (N, 24) multi-hot)."""
+def load_conditions(data_dir: str, split: str, objects: dict, run_dir: str = None):
+    """A split name ('test', 'new_test', 'val') read from data_dir, or the path of any file in the same format. The
+    course's data has no val.json: train.py writes one into the run folder, run_dir. Returns (list of name lists,
+    (N, 24) multi-hot)."""
     path = split if split.endswith(".json") else os.path.join(data_dir, f"{split}.json")
+    if split == "val" and not os.path.isfile(path) and run_dir:
+        path = os.path.join(run_dir, "val.json")
     if not split.endswith(".json") and not os.path.isfile(path):
-        raise UserError(f"{path}: no split named {split!r} in {data_dir}; use test, new_test or a path to a .json file")
+        raise UserError(f"{path}: no split named {split!r} in {data_dir}; use test, new_test, val (written by "
+                        f"synthetic.py or train.py) or a path to a .json file")
     conditions = read_json(path, "condition list")
     return conditions, encode(conditions, objects, path)
+
+
+def draw_val(train_lists: list, exclude: list, n: int = 64, seed: int = 0) -> list:
+    """A validation list drawn the way test.json's are (the object set of a random training image: a random scene,
+    1 to 3 of its objects), no set twice, and none equal as a set to a condition of the excluded lists (test.json,
+    new_test.json), so that choosing a checkpoint or w on it never looks at the test lists."""
+    banned = {frozenset(c) for lists in exclude for c in lists}
+    eligible = {frozenset(c) for c in train_lists} - banned
+    rng = np.random.default_rng(seed)
+    val, seen = [], set()
+    while len(val) < min(n, len(eligible)):
+        cand = train_lists[int(rng.integers(len(train_lists)))]
+        if frozenset(cand) in eligible and frozenset(cand) not in seen:
+            val.append(list(cand))
+            seen.add(frozenset(cand))
+    return val
 
 
 def find_image_dir(data_dir: str, image_dir: str = None) -> str:

@@ -1,6 +1,8 @@
 """Score the images sample.py wrote with the classifier: top-k accuracy per split, and where it goes wrong.
 
     python evaluate.py --split new_test
+    python evaluate.py --split val               # choose w and the checkpoint here, never on test or new_test
+    python evaluate.py --curves out              # out/curves.png: loss and validation accuracy against epoch
 
 Reads OUT/samples/<split>/<i>.png and OUT/samples/<split>.json, and the classifier weights (default:
 DATA_DIR/checkpoint.pth). On the synthetic set the classifier is this project's own, trained on it (trained here
@@ -15,8 +17,9 @@ from collections import Counter
 import torch
 
 from dataset import HelpFormatter, run_cli, COLORS, SHAPES, UserError, encode, load_objects, read_json, read_image, to_float
-from evaluator import (evaluation_model, frechet_distance, load_truth, make_parser as classifier_parser,
-                       resolve_device, topk_hits, train_classifier)
+from device import resolve_device
+from evaluator import (evaluation_model, frechet_distance, load_truth, make_parser as classifier_parser, topk_hits,
+                       train_classifier)
 
 
 def load_samples(samples_dir: str, split: str, objects: dict):
@@ -91,6 +94,7 @@ def sweep(args, judge, data_dir, objects, names, splits) -> None:
         for seed in seeds:
             out = os.path.join(args.samples_dir, "sweep", f"{tag}_w{w:g}_seed{seed}")
             sample.run(sample.get_args(["--ckpt", args.ckpt, "--data-dir", data_dir, "--out-dir", out, "--w", str(w),
+                                        "--split", args.split,
                                         "--seed", str(seed), "--sampler", args.sampler, "--steps", str(args.steps),
                                         "--device", args.device]))
             for s in splits:
@@ -114,9 +118,54 @@ def sweep(args, judge, data_dir, objects, names, splits) -> None:
         json.dump(table, f, indent=1)
 
 
+def plot_curves(run_dir: str, width: int = 720, height: int = 400) -> str:
+    """RUN_DIR/curves.png from RUN_DIR/metrics.jsonl: training loss (left axis) and validation accuracy (right
+    axis, 0 to 1) against epoch, drawn with Pillow. Returns the path."""
+    from PIL import Image, ImageDraw
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no metrics log; pass the folder train.py wrote (its --out-dir)")
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    rows = list({r["epoch"]: r for r in rows}.values())  # a resumed run may log an epoch again: the last one counts
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    left, right, top, bottom = 60, width - 60, 30, height - 40
+    draw.rectangle([left, top, right, bottom], outline="black")
+    epochs = [r["epoch"] for r in rows] or [1]
+    e0, e1 = min(epochs), max(max(epochs), min(epochs) + 1)
+    losses = [r["loss"] for r in rows]
+    l0, l1 = (min(losses), max(losses)) if losses else (0.0, 1.0)
+    l1 = l1 if l1 > l0 else l0 + 1e-3
+    x = lambda e: left + (e - e0) / (e1 - e0) * (right - left)
+    y = lambda v, lo, hi: bottom - (v - lo) / (hi - lo) * (bottom - top)
+    for i in range(6):  # ticks: epochs below, loss on the left, accuracy on the right
+        e, v, a = e0 + i * (e1 - e0) / 5, l0 + i * (l1 - l0) / 5, i / 5
+        draw.line([x(e), bottom, x(e), bottom + 4], fill="black")
+        draw.text((x(e) - 8, bottom + 6), f"{e:.0f}", fill="black")
+        draw.text((4, y(v, l0, l1) - 5), f"{v:.4f}", fill=(31, 119, 180))
+        draw.text((right + 6, y(a, 0, 1) - 5), f"{a:.1f}", fill=(214, 39, 40))
+    draw.text(((left + right) // 2 - 15, height - 16), "epoch", fill="black")
+    loss_pts = [(x(r["epoch"]), y(r["loss"], l0, l1)) for r in rows]
+    val_pts = [(x(r["epoch"]), y(r["val_acc"], 0, 1)) for r in rows if r.get("val_acc") is not None]
+    for pts, colour in ((loss_pts, (31, 119, 180)), (val_pts, (214, 39, 40))):
+        if len(pts) > 1:
+            draw.line(pts, fill=colour, width=2)
+        for px, py in pts:
+            draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
+    draw.text((left + 8, 8), "training loss (left axis)", fill=(31, 119, 180))
+    best = max((r["val_acc"] for r in rows if r.get("val_acc") is not None), default=None)
+    draw.text((left + 220, 8), "validation accuracy (right axis)" + (f", best {best:.3f}" if best is not None else
+                                                                     ": none measured"), fill=(214, 39, 40))
+    out = os.path.join(run_dir, "curves.png")
+    img.save(out + ".tmp.png")
+    os.replace(out + ".tmp.png", out)
+    return out
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--split", default="both", help="test, new_test, both, or the name of any sampled split")
+    p.add_argument("--split", default="both", help="test, new_test, both, val, or the name of any sampled split")
     p.add_argument("--samples-dir", default=None, help="what sample.py wrote (default: the checkpoint's folder/samples)")
     p.add_argument("--ckpt", default="out/ckpt.pt", help="the generator's checkpoint, read only to find its data folder")
     p.add_argument("--data-dir", default=None, help="folder with objects.json (default: the checkpoint's)")
@@ -126,6 +175,8 @@ def get_args(argv=None):
     p.add_argument("--seeds", default="0,1,2", help="with --sweep: noise seeds, the same for every w")
     p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim"], help="with --sweep: the sampler")
     p.add_argument("--steps", type=int, default=50, help="with --sweep: DDIM steps")
+    p.add_argument("--curves", default=None, metavar="RUN_DIR", help="draw RUN_DIR/curves.png from its metrics.jsonl "
+                                                                     "(loss and validation accuracy) and stop")
     return p.parse_args(argv)
 
 
@@ -141,6 +192,8 @@ def find_data_dir(args) -> str:
 
 
 def run(args) -> dict:
+    if args.curves:
+        return print(f"wrote {plot_curves(args.curves)}")
     device = resolve_device(args.device)
     args.samples_dir = args.samples_dir or os.path.join(os.path.dirname(args.ckpt) or ".", "samples")
     data_dir = find_data_dir(args)

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torchvision
 
 from dataset import HelpFormatter, run_cli, N_CLASSES, UserError, load_conditions, load_objects, load_train, read_image, to_float
+from device import autocast, resolve_device, resolve_precision
 
 
 def build_classifier() -> nn.Module:
@@ -42,17 +43,6 @@ def topk_hits(probs: torch.Tensor, labels: torch.Tensor):
         hits.append(len(top & set(torch.nonzero(y).flatten().tolist())))
         ks.append(k)
     return hits, ks
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name}: not a device name; use auto, cpu, cuda or cuda:N")
 
 
 class evaluation_model:
@@ -167,7 +157,7 @@ def train_classifier(args) -> None:
     bs = min(args.batch_size, len(x_train))
     steps_per_epoch = len(x_train) // bs
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.epochs * steps_per_epoch)
-    use_bf16 = device.type == "cuda"
+    precision = "bf16" if resolve_precision("auto", device) == "bf16" else "fp32"  # fp16 would need a scaler here
     t0 = time.time()
     for epoch in range(args.epochs):
         net.train()
@@ -177,7 +167,7 @@ def train_classifier(args) -> None:
             idx = perm[i * bs:(i + 1) * bs]
             x = augment(to_float(x_train[idx]), gen).to(device, memory_format=torch.channels_last)
             y = y_train[idx].to(device)
-            with torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
+            with autocast(device, precision):
                 logits = net.fc[0](features(net, x))  # train on logits: BCE-with-logits is the stable form
             loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), y)
             opt.zero_grad(set_to_none=True)
@@ -196,7 +186,7 @@ def train_classifier(args) -> None:
     judge = evaluation_model(args.out, device)
     print(f"held-out scenes: top-k accuracy {judge.eval(to_float(x_val), y_val):.4f} ({len(x_val)} images)")
     objects = load_objects(args.data_dir)
-    for split in ("test", "new_test"):
+    for split in ("test", "new_test", "val"):
         truth = load_truth(args.data_dir, split, objects)
         if truth is not None:
             print(f"ground-truth renders of {split}: top-k accuracy {judge.eval(*truth):.4f}")

@@ -66,11 +66,14 @@ class ContextUnet(nn.Module):
     bias path alone, a learned null embedding, with no sign tricks or extra flags. S must be divisible by 4.
     """
 
-    def __init__(self, in_channels: int = 3, n_feat: int = 128, n_classes: int = 24, image_size: int = 64):
+    def __init__(self, in_channels: int = 3, n_feat: int = 128, n_classes: int = 24, image_size: int = 64,
+                 cond_bottleneck: bool = False):
         super().__init__()
         if image_size % 4:
             raise ValueError(f"image_size {image_size} is not divisible by 4 (the net halves it twice)")
         self.config = dict(in_channels=in_channels, n_feat=n_feat, n_classes=n_classes, image_size=image_size)
+        if cond_bottleneck:  # only when set, so report C's checkpoints keep their exact config
+            self.config["cond_bottleneck"] = True
         bottom = image_size // 4  # spatial size after the two downsamplings
         self.init_conv = ResidualConvBlock(in_channels, n_feat, is_res=True)
         self.down1 = UnetDown(n_feat, n_feat)
@@ -79,6 +82,10 @@ class ContextUnet(nn.Module):
         self.to_vec = nn.Sequential(nn.AvgPool2d(bottom), nn.GELU())
         self.timeembed1, self.timeembed2 = EmbedFC(1, 2 * n_feat), EmbedFC(1, n_feat)
         self.contextembed1, self.contextembed2 = EmbedFC(n_classes, 2 * n_feat), EmbedFC(n_classes, n_feat)
+        # optionally the condition also shapes the bottleneck vector, from which up0 draws the whole scene layout
+        self.cond_bottleneck = cond_bottleneck
+        if cond_bottleneck:
+            self.timeembed0, self.contextembed0 = EmbedFC(1, 2 * n_feat), EmbedFC(n_classes, 2 * n_feat)
         self.up0 = nn.Sequential(nn.ConvTranspose2d(2 * n_feat, 2 * n_feat, bottom, bottom),
                                  nn.GroupNorm(8, 2 * n_feat), nn.ReLU())
         self.up1 = UnetUp(4 * n_feat, n_feat)
@@ -91,11 +98,16 @@ class ContextUnet(nn.Module):
         down1 = self.down1(x)            # (N, F, S/2, S/2)
         down2 = self.down2(down1)        # (N, 2F, S/4, S/4)
         hidden = self.to_vec(down2)      # (N, 2F, 1, 1)
-        t = t.to(x.dtype).view(-1, 1)
-        cond = cond.to(x.dtype)
-        up1 = self.up0(hidden)                                                              # (N, 2F, S/4, S/4)
-        up2 = self.up1(self.contextembed1(cond) * up1 + self.timeembed1(t), down2)          # (N, F, S/2, S/2)
-        up3 = self.up2(self.contextembed2(cond) * up2 + self.timeembed2(t), down1)          # (N, F, S, S)
+        # the embeddings run in float32 whatever autocast says: t / T in bf16 keeps only 328 of 400 steps apart
+        with torch.autocast(x_t.device.type, enabled=False):
+            t, cond = t.float().view(-1, 1), cond.float()
+            c_e1, t_e1 = self.contextembed1(cond), self.timeembed1(t)  # (N, 2F, 1, 1) each
+            c_e2, t_e2 = self.contextembed2(cond), self.timeembed2(t)  # (N, F, 1, 1) each
+            if self.cond_bottleneck:
+                hidden = self.contextembed0(cond) * hidden.float() + self.timeembed0(t)  # (N, 2F, 1, 1)
+        up1 = self.up0(hidden)                                 # (N, 2F, S/4, S/4)
+        up2 = self.up1(c_e1 * up1 + t_e1, down2)               # (N, F, S/2, S/2)
+        up3 = self.up2(c_e2 * up2 + t_e2, down1)               # (N, F, S, S)
         return self.out(torch.cat([up3, x], dim=1))
 
 

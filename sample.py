@@ -19,7 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from dataset import HelpFormatter, ensure_writable, run_cli, STRIP_CONDITION, UserError, encode, load_conditions, load_objects, to_uint8
-from evaluator import resolve_device
+from device import PRECISIONS, autocast, resolve_device, resolve_precision, setup_backends
 from model import ContextUnet, fold_batchnorm
 from schedule import ddim_step, ddpm_schedules, ddpm_step, guided_eps, timesteps
 
@@ -27,7 +27,7 @@ from schedule import ddim_step, ddpm_schedules, ddpm_step, guided_eps, timesteps
 @torch.inference_mode()
 def sample_images(model: ContextUnet, cond: torch.Tensor, sched: dict, w: float = 0.5, sampler: str = "ddpm",
                   steps: int = 50, seed: int = 0, n_frames: int = 0, batched_guidance: bool = True,
-                  bf16: bool = None, progress: bool = False):
+                  precision: str = "auto", clip_x0: bool = False, progress: bool = False):
     """Draw one image per row of cond (N, 24). Returns x0 (N, 3, S, S) in [-1, 1] and, if n_frames > 0, that many
     snapshots of x_t from pure noise to the result. The noise comes from its own generator seeded with `seed`, so
     the output does not depend on what else ran before."""
@@ -43,11 +43,11 @@ def sample_images(model: ContextUnet, cond: torch.Tensor, sched: dict, w: float 
     ts = timesteps(T, sampler, steps)
     record = {round(i * (len(ts) - 1) / (n_frames - 1)) for i in range(n_frames)} if n_frames > 1 else set()
     frames = [x_t.float().cpu()] if 0 in record else []
-    use_bf16 = device.type == "cuda" if bf16 is None else bf16  # bf16 by default on CUDA
+    precision = resolve_precision(precision, device)
     for i, (t, t_prev) in enumerate(tqdm(list(zip(ts[:-1], ts[1:])), desc=f"sampling ({sampler})",
                                          disable=not progress, leave=False)):
         t_in = torch.full((n,), t / T, device=device)  # the net sees t scaled to [0, 1]
-        with torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
+        with autocast(device, precision):
             if w == 0:
                 eps = model(x_t, cond, t_in).float()
             elif batched_guidance:  # conditional and unconditional halves in one forward pass of 2N
@@ -57,7 +57,7 @@ def sample_images(model: ContextUnet, cond: torch.Tensor, sched: dict, w: float 
                 eps = guided_eps(model(x_t, cond, t_in).float(), model(x_t, null, t_in).float(), w)
         if sampler == "ddpm":
             z = torch.randn(x_t.shape, generator=gen, device=device) if t > 1 else torch.zeros_like(x_t)
-            x_t = ddpm_step(x_t, eps, t, z, sched)
+            x_t = ddpm_step(x_t, eps, t, z, sched, clip_x0)
         else:
             x_t = ddim_step(x_t, eps, t, t_prev, sched)
         if i + 1 in record:
@@ -103,14 +103,17 @@ def get_args(argv=None):
     p.add_argument("--out-dir", default=None, help="where images go (default: the checkpoint's folder/samples)")
     p.add_argument("--data-dir", default=None, help="folder with objects.json and the split files "
                                                     "(default: the one the checkpoint was trained on)")
-    p.add_argument("--split", default="both", help="test, new_test or both")
+    p.add_argument("--split", default="both", help="test, new_test, both, or val (to choose w and the checkpoint)")
     p.add_argument("--conditions", default=None, help="a JSON file of condition lists to sample instead of a split")
     p.add_argument("--w", type=float, default=0.5, help="guidance weight: eps = (1+w) eps_c - w eps_null; 0 = none")
     p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="ancestral DDPM or deterministic DDIM")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (DDPM always takes all T steps)")
+    p.add_argument("--clip-x0", action="store_true", help="DDPM: the posterior mean around the x0 prediction clipped to "
+                                                          "[-1, 1] (DDIM always clips)")
     p.add_argument("--seed", type=int, default=0, help="noise seed; same seed, same images")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of their moving average")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: bf16 or fp16 on a GPU, fp32 on CPU")
     return p.parse_args(argv)
 
 
@@ -118,6 +121,8 @@ def run(args) -> None:
     if args.w < 0:
         raise UserError(f"--w {args.w}: the guidance weight must be >= 0 (0 is plain conditional sampling)")
     device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    setup_backends(device, precision)
     model, ckpt = load_model(args.ckpt, device, use_ema=not args.no_ema)
     cfg = ckpt["config"]
     data_dir = args.data_dir or cfg["data_dir"]
@@ -128,19 +133,21 @@ def run(args) -> None:
         splits = [args.conditions]
     elif args.split == "both":
         splits = ["test", "new_test"]
-    elif args.split in ("test", "new_test"):
+    elif args.split in ("test", "new_test", "val"):
         splits = [args.split]
     else:
-        raise UserError(f"--split {args.split}: no such split; use test, new_test or both (or --conditions FILE)")
+        raise UserError(f"--split {args.split}: no such split; use test, new_test, both or val (or --conditions FILE)")
     sched = ddpm_schedules(cfg["beta1"], cfg["beta2"], cfg["T"], cfg["schedule"])
     how = f"{args.sampler}" + (f" {args.steps} steps" if args.sampler == "ddim" else f" {cfg['T']} steps")
+    how += ", x0 clipped" if args.clip_x0 and args.sampler == "ddpm" else ""
     print(f"sampling with {'EMA' if not args.no_ema else 'raw'} weights of {args.ckpt} (epoch {ckpt['epoch']}), "
-          f"{how}, w={args.w}, seed {args.seed}, on {device}")
+          f"{how}, w={args.w}, seed {args.seed}, on {device} ({precision})")
     for split in splits:
-        conditions, cond = load_conditions(data_dir, split, objects)
+        conditions, cond = load_conditions(data_dir, split, objects, run_dir=os.path.dirname(args.ckpt) or ".")
         name = os.path.splitext(os.path.basename(split))[0]
         t0 = time.time()
-        x0, _ = sample_images(model, cond, sched, args.w, args.sampler, args.steps, args.seed, progress=True)
+        x0, _ = sample_images(model, cond, sched, args.w, args.sampler, args.steps, args.seed, precision=precision,
+                              clip_x0=args.clip_x0, progress=True)
         seconds = time.time() - t0
         x0 = to_64(x0)
         os.makedirs(os.path.join(out_dir, name), exist_ok=True)
@@ -151,7 +158,8 @@ def run(args) -> None:
             json.dump(conditions, f)
         print(f"{name}: {len(x0)} images in {seconds:.1f}s -> {out_dir}/{name}/, {out_dir}/{name}_grid.png")
     strip_cond = encode([STRIP_CONDITION], objects, "the denoising strip")
-    _, frames = sample_images(model, strip_cond, sched, args.w, args.sampler, args.steps, args.seed, n_frames=8)
+    _, frames = sample_images(model, strip_cond, sched, args.w, args.sampler, args.steps, args.seed, n_frames=8,
+                              precision=precision, clip_x0=args.clip_x0)
     save_grid(to_64(torch.cat(frames)), os.path.join(out_dir, "denoise_strip.png"), nrow=len(frames))
     print(f"done: {', '.join(os.path.splitext(os.path.basename(s))[0] for s in splits)} sampled; "
           f"denoising strip -> {out_dir}/denoise_strip.png; score with: python evaluate.py --samples-dir {out_dir}")

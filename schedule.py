@@ -40,6 +40,11 @@ def ddpm_schedules(beta1: float = 1e-4, beta2: float = 0.02, T: int = 400, kind:
         "sqrtmab": sqrtmab,                                        # sqrt(1 - alphabar_t)
         "mab_over_sqrtmab": torch.where(t > 0, beta_t / sqrtmab.clamp(min=1e-12), 0.0),  # beta_t / sqrt(1 - alphabar_t)
     }
+    # the posterior q(x_{t-1} | x_t, x_0) has mean coef_x0 * x_0 + coef_xt * x_t (DDPM eq. 7)
+    alphabar_prev = torch.cat([alphabar_t.new_ones(1), alphabar_t[:-1]])
+    one_minus_ab = (1 - alphabar_t).clamp(min=1e-12)
+    table["coef_x0"] = torch.where(t > 0, alphabar_prev.sqrt() * beta_t / one_minus_ab, 0.0)     # sqrt(ab_{t-1}) b_t / (1 - ab_t)
+    table["coef_xt"] = torch.where(t > 0, alpha_t.sqrt() * (1 - alphabar_prev) / one_minus_ab, 0.0)  # sqrt(a_t) (1 - ab_{t-1}) / (1 - ab_t)
     return {k: v.float() for k, v in table.items()}
 
 
@@ -60,17 +65,28 @@ def guided_eps(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, w: float) -> to
     return (1 + w) * eps_cond - w * eps_uncond
 
 
-def ddpm_step(x_t: torch.Tensor, eps_pred: torch.Tensor, t: int, z: torch.Tensor, sched: dict) -> torch.Tensor:
+def predict_x0(x_t: torch.Tensor, eps_pred: torch.Tensor, t: int, sched: dict) -> torch.Tensor:
+    """x0 = (x_t - sqrt(1 - alphabar_t) eps) / sqrt(alphabar_t), clipped to the data range [-1, 1]. Unclipped, an error
+    in eps is multiplied by sqrt(1 - alphabar_t) / sqrt(alphabar_t): about 250 at the cosine schedule's last step."""
+    return ((x_t - sched["sqrtmab"][t] * eps_pred) / sched["sqrtab"][t]).clamp(-1, 1)
+
+
+def ddpm_step(x_t: torch.Tensor, eps_pred: torch.Tensor, t: int, z: torch.Tensor, sched: dict,
+              clip_x0: bool = False) -> torch.Tensor:
     """One ancestral step x_t -> x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alphabar_t) eps) + sigma_t z.
-    The caller passes z = 0 at t = 1 so that the last step adds no noise."""
-    mean = sched["oneover_sqrta"][t] * (x_t - sched["mab_over_sqrtmab"][t] * eps_pred)
+    With clip_x0 the mean is the posterior's, coef_x0 * x0 + coef_xt * x_t, around the clipped x0 prediction: the
+    same value whenever that prediction lies in [-1, 1]. The caller passes z = 0 at t = 1 (no noise on the last step)."""
+    if clip_x0:
+        mean = sched["coef_x0"][t] * predict_x0(x_t, eps_pred, t, sched) + sched["coef_xt"][t] * x_t
+    else:
+        mean = sched["oneover_sqrta"][t] * (x_t - sched["mab_over_sqrtmab"][t] * eps_pred)
     return mean + sched["sqrt_beta_t"][t] * z
 
 
 def ddim_step(x_t: torch.Tensor, eps_pred: torch.Tensor, t: int, t_prev: int, sched: dict) -> torch.Tensor:
-    """Deterministic DDIM (eta = 0) jump from t to t_prev < t: predict x0, then re-noise it to t_prev along eps."""
-    x0_pred = (x_t - sched["sqrtmab"][t] * eps_pred) / sched["sqrtab"][t]
-    return sched["sqrtab"][t_prev] * x0_pred + sched["sqrtmab"][t_prev] * eps_pred
+    """Deterministic DDIM (eta = 0) jump from t to t_prev < t: predict x0 (clipped), then re-noise it to t_prev
+    along eps. The clip bounds the step: |x_{t_prev} - sqrt(1 - alphabar_{t_prev}) eps| <= sqrt(alphabar_{t_prev})."""
+    return sched["sqrtab"][t_prev] * predict_x0(x_t, eps_pred, t, sched) + sched["sqrtmab"][t_prev] * eps_pred
 
 
 def timesteps(T: int, sampler: str, steps: int) -> list:

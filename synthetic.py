@@ -8,8 +8,9 @@ follows CLEVR: a light gray floor with a vignette, a perspective camera looking 
 (turned about the vertical), spheres and cylinders resting on the floor, a soft key light with cast shadows, a
 fill light, two sizes, matte rubber or shiny metal, 2x2 supersampled. Objects never intersect, and every object
 keeps enough visible pixels at 64x64 to be recognised (else the scene is placed again).
-Writes objects.json, train.json, test.json, new_test.json (object sets never in train.json), iclevr/*.png,
-truth/{test,new_test}/<i>.png (ground-truth renders of the two lists), contact_sheet.png and synthetic.json.
+Writes objects.json, train.json, test.json, new_test.json (object sets never in train.json), val.json (64 sets drawn
+like test's, none shared with test or new_test), iclevr/*.png, truth/{test,new_test,val}/<i>.png (ground-truth
+renders of the lists), contact_sheet.png and synthetic.json.
 """
 import argparse
 import json
@@ -21,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from dataset import HelpFormatter, object_names
+from dataset import HelpFormatter, draw_val, object_names
 
 RGB = {"gray": (87, 87, 87), "red": (173, 35, 35), "blue": (42, 75, 215), "green": (29, 105, 20),
        "brown": (129, 74, 25), "purple": (129, 38, 192), "cyan": (41, 208, 208), "yellow": (255, 238, 51)}
@@ -344,12 +345,30 @@ def render_dataset(out_dir: str, scenes: int = 6003, seed: int = 0, workers: int
     with open(os.path.join(out_dir, "train.json"), "w") as f:
         json.dump(dict(rows), f)
     contact_sheet(out_dir, rows)
+    n_val = add_val(out_dir, seed, workers, truth_per_condition)
     minutes = (time.time() - t0) / 60
     with open(os.path.join(out_dir, "synthetic.json"), "w") as f:
         json.dump({"scenes": scenes, "seed": seed, "size": [WIDTH, HEIGHT], "minutes": round(minutes, 2),
                    "workers": workers}, f)
-    print(f"synthetic i-CLEVR: {len(rows)} images of {scenes} scenes + {len(truth_jobs)} ground-truth renders in {out_dir} "
+    print(f"synthetic i-CLEVR: {len(rows)} images of {scenes} scenes + {len(truth_jobs) + n_val} ground-truth renders in {out_dir} "
           f"({minutes:.1f} min on {workers} processes); contact sheet {out_dir}/contact_sheet.png")
+
+
+def add_val(out_dir: str, seed: int = 0, workers: int = None, truth_per_condition: int = TRUTH_PER_CONDITION) -> int:
+    """val.json, drawn like test.json and sharing no object set with test or new_test (for choosing checkpoints and
+    w), and its ground-truth renders. Also adds them to a folder rendered before val.json existed. Returns the
+    number of renders."""
+    lists = {}
+    for split in ("train", "test", "new_test"):
+        with open(os.path.join(out_dir, f"{split}.json")) as f:
+            lists[split] = json.load(f)
+    val = draw_val(list(lists["train"].values()), [lists["test"], lists["new_test"]], seed=seed)
+    with open(os.path.join(out_dir, "val.json"), "w") as f:
+        json.dump(val, f)
+    jobs = [(10 ** 5 + i, *job[1:]) for i, job in enumerate(truth_render_jobs(out_dir, {"val": val}, seed, truth_per_condition))]
+    with Pool(workers or os.cpu_count() or 1) as pool:
+        list(pool.imap(render_one, jobs, chunksize=4))
+    return len(jobs)
 
 
 def main():
@@ -358,8 +377,12 @@ def main():
     p.add_argument("--scenes", type=int, default=6003, help="scenes; each gives 3 images as in the real set")
     p.add_argument("--seed", type=int, default=0, help="same seed, same images")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--val-only", action="store_true", help="add val.json and its renders to an existing folder")
     args = p.parse_args()
-    render_dataset(args.out, args.scenes, args.seed, args.workers)
+    if args.val_only:
+        print(f"val.json and {add_val(args.out, args.seed, args.workers)} ground-truth renders added to {args.out}")
+    else:
+        render_dataset(args.out, args.scenes, args.seed, args.workers)
 
 
 if __name__ == "__main__":

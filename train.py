@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -22,15 +23,18 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from dataset import HelpFormatter, ensure_writable, run_cli, UserError, load_conditions, load_objects, load_train, make_batch
-from evaluator import resolve_device
+from dataset import (HelpFormatter, ensure_writable, run_cli, UserError, draw_val, load_conditions, load_objects, load_train,
+                     make_batch, read_json, to_float)
+from device import PRECISIONS, autocast, grad_scaler, resolve_device, resolve_precision, resolve_switch, setup_backends
+from evaluate import plot_curves
+from evaluator import evaluation_model
 from model import ContextUnet, count_params, save_checkpoint
 from sample import sample_images, save_grid, to_64
 from schedule import ddpm_schedules, q_sample
 
 DEFAULT_DATA_DIR = "data/synthetic"
 # settings that change the network or the noise process: a checkpoint is only valid with the same ones
-MODEL_KEYS = ("image_size", "n_feat", "T", "beta1", "beta2", "schedule")
+MODEL_KEYS = ("image_size", "n_feat", "T", "beta1", "beta2", "schedule", "cond_bottleneck")
 PRESETS = {
     # A CPU has few optimizer steps to spend, and the condition is learned with steps, not epochs: a 32x32 image,
     # a net of width 16 (2.2x the images/s of width 32, and higher accuracy in the same half hour), batches of 16
@@ -58,13 +62,27 @@ def make_parser(with_defaults: bool = True):
     p.add_argument("--beta1", type=float, default=d(1e-4), help="first beta of the schedule")
     p.add_argument("--beta2", type=float, default=d(0.02), help="last beta of the schedule")
     p.add_argument("--schedule", default=d("linear"), choices=["linear", "cosine"], help="noise schedule")
+    p.add_argument("--cond-bottleneck", type=int, default=d(0), help="1: the condition also multiplies the bottleneck "
+                                                                     "vector (c_e * h + t_e there too)")
     p.add_argument("--drop-prob", type=float, default=d(0.1), help="probability of dropping a sample's condition")
     p.add_argument("--ema-decay", type=float, default=d(0.999), help="EMA decay of the weights used for sampling")
     p.add_argument("--hflip", type=int, default=d(1), help="1: random horizontal flips (labels are sets of objects)")
-    p.add_argument("--sample-every", type=int, default=d(25), help="epochs between progress grids (0: never)")
+    p.add_argument("--sample-every", type=int, default=d(25), help="epochs between progress grids of the validation "
+                                                                   "list (0: never)")
     p.add_argument("--seed", type=int, default=d(42), help="random seed")
+    p.add_argument("--minutes", type=float, default=d(0), help="stop after this many minutes of training (at a step "
+                                                                 "boundary), save, print the resume command; 0: no limit")
+    p.add_argument("--eval-every", type=int, default=d(None), help="epochs between validation scores and best.pt "
+                                                                   "(default: 10 on a GPU, 0 = never on a CPU)")
+    p.add_argument("--classifier", default=d(None), help="judge for validation (default: DATA_DIR/checkpoint.pth)")
     p.add_argument("--device", default=d("auto"), help="auto, cpu or cuda")
+    p.add_argument("--precision", default=d("auto"), choices=PRECISIONS,
+                   help="auto: bf16 on GPUs that have it, fp16 + gradient scaling on older GPUs, fp32 on CPU")
+    p.add_argument("--channels-last", default=d("auto"), choices=["auto", "1", "0"], help="NHWC memory layout (auto: on CUDA)")
+    p.add_argument("--fused-adam", default=d("auto"), choices=["auto", "1", "0"], help="one fused Adam kernel (auto: on CUDA)")
     p.add_argument("--compile", type=int, default=d(0), help="1: torch.compile the network (slower start, faster steps)")
+    p.add_argument("--deterministic", type=int, default=d(0), help="1: deterministic kernels only, for bit-exact "
+                                                                  "resumes on CUDA (slower)")
     p.add_argument("--resume", action="store_true", default=d(False), help="continue from OUT_DIR/ckpt.pt")
     return p
 
@@ -112,36 +130,122 @@ def resume_state(args, ckpt_path: str):
     return ckpt
 
 
-def diffusion_loss(model: torch.nn.Module, x0: torch.Tensor, cond: torch.Tensor, sched: dict, drop_prob: float,
-                   use_bf16: bool) -> torch.Tensor:
-    """The DDPM objective ||eps - eps_pred(x_t, c, t)||^2 with classifier-free condition dropout.
-    x0 (B, C, S, S) in [-1, 1]; cond (B, 24) multi-hot; every sample draws its own t and its own coin for the drop."""
+def noisy_batch(x0: torch.Tensor, cond: torch.Tensor, sched: dict, drop_prob: float, gen=None):
+    """What the network is trained on: x_t ~ q(x_t | x0) at a t drawn per sample from 1..T, and the condition with
+    a per-sample coin for classifier-free dropout. x0 (B, C, S, S) in [-1, 1]; cond (B, 24) multi-hot.
+    Returns (x_t, cond with dropped rows zeroed, t / T, eps); gen: a generator of its own, or the global one."""
     bs, T = x0.shape[0], len(sched["beta_t"]) - 1
-    keep = (torch.rand(bs, device=x0.device) >= drop_prob).to(cond.dtype)
-    c = cond * keep[:, None]                                        # dropped rows become zeros: "no condition"
-    t = torch.randint(1, T + 1, (bs,), device=x0.device)           # t = 1 is one noising step
-    eps = torch.randn_like(x0)
-    x_t = q_sample(x0, t, eps, sched)
-    if x0.is_cuda:
+    keep = (torch.rand(bs, device=x0.device, generator=gen) >= drop_prob).to(cond.dtype)
+    t = torch.randint(1, T + 1, (bs,), device=x0.device, generator=gen)  # t = 1 is one noising step
+    eps = torch.randn(x0.shape, device=x0.device, generator=gen)
+    return q_sample(x0, t, eps, sched), cond * keep[:, None], t.float() / T, eps  # the net sees t scaled to [0, 1]
+
+
+def diffusion_loss(model: torch.nn.Module, x0: torch.Tensor, cond: torch.Tensor, sched: dict, drop_prob: float,
+                   precision: str = "fp32", channels_last: bool = False) -> torch.Tensor:
+    """The DDPM objective ||eps - eps_pred(x_t, c, t)||^2 with classifier-free condition dropout."""
+    x_t, c, t, eps = noisy_batch(x0, cond, sched, drop_prob)
+    if channels_last:
         x_t = x_t.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(x0.device.type, torch.bfloat16, enabled=use_bf16):
-        eps_pred = model(x_t, c, t.float() / T)                     # the net sees t scaled to [0, 1]
+    with autocast(x0.device, precision):
+        eps_pred = model(x_t, c, t)
     return F.mse_loss(eps_pred.float(), eps)
 
 
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """Weights only: the EMA network's BatchNorm statistics are recomputed for its own weights before each save."""
     with torch.no_grad():
-        e, m = list(ema.parameters()), list(model.parameters())
-        torch._foreach_lerp_(e, m, 1 - decay)
-        for eb, mb in zip(ema.buffers(), model.buffers()):  # BatchNorm statistics are copied, not averaged
-            eb.copy_(mb)
+        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+
+
+def bn_batches(images: torch.Tensor, cond: torch.Tensor, sched: dict, drop_prob: float, seed: int, n_images: int,
+               batch_size: int):
+    """Inputs drawn as in training, from a generator of their own (training randomness is untouched): yields
+    (x_t, cond, t / T) batches covering n_images."""
+    gen = torch.Generator(images.device).manual_seed(seed)
+    for _ in range(max(1, n_images // batch_size)):
+        idx = torch.randint(len(images), (batch_size,), device=images.device, generator=gen)
+        yield noisy_batch(to_float(images[idx]), cond[idx], sched, drop_prob, gen)[:3]
+
+
+@torch.no_grad()
+def refresh_bn_stats(net: torch.nn.Module, batches, precision: str, channels_last: bool) -> None:
+    """Recompute every BatchNorm's running statistics as the plain average over the batches (as SWA's update_bn
+    does). The EMA weights need statistics of their own: the raw network's belong to the raw weights, and gave a
+    worse denoiser than the raw network itself (docs/RESULTS.md)."""
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # None: a cumulative average over all batches seen
+    net.train()
+    for x_t, c, t in batches:
+        with autocast(x_t.device, precision):
+            net(x_t.contiguous(memory_format=torch.channels_last) if channels_last else x_t, c, t)
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
+    net.eval()
+
+
+def match_optimizer_layout(opt: torch.optim.Optimizer) -> None:
+    """A loaded optimizer state keeps the strides it was saved with; lay each tensor out like its parameter (a CPU
+    checkpoint's NCHW moments under channels_last CUDA weights would stop fused Adam)."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for k, v in opt.state.get(p, {}).items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    opt.state[p][k] = torch.empty_like(p).copy_(v)  # empty_like keeps p's memory format
+
+
+def agree(loss: torch.Tensor, stop: bool, world: int):
+    """The one host sync of a step. Under torchrun every rank learns the mean loss, whether any rank's loss is not
+    finite, and whether any rank must stop (a signal, the time budget): all ranks act on the same step, and none is
+    left waiting in a collective. Returns (mean loss, or nan/inf if any rank's is not finite; stop)."""
+    v = torch.stack([loss.detach().float(), (~torch.isfinite(loss.detach())).float(),
+                     torch.tensor(float(stop), device=loss.device)])
+    if dist.is_initialized():
+        dist.all_reduce(v)  # sums: any rank's flag makes the sum positive
+    loss_sum, not_finite, stops = v.tolist()
+    return (loss_sum / world if not not_finite else float("nan")), stops > 0
+
+
+def make_trainer(args, device: torch.device, precision: str, channels_last: bool, fused: bool, images: torch.Tensor,
+                 cond: torch.Tensor, sched: dict) -> SimpleNamespace:
+    """Everything train_step needs, built the way train.py builds it (bench.py builds it here too): the network, its
+    EMA copy, Adam, the fp16 gradient scaler, the device-resident uint8 images (N, 3, S, S) and conditions (N, 24)."""
+    model = ContextUnet(3, args.n_feat, cond.shape[1], args.image_size, bool(args.cond_bottleneck)).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    return SimpleNamespace(net=model, model=model, ema=ema, opt=torch.optim.Adam(model.parameters(), lr=args.lr, fused=fused),
+                           scaler=grad_scaler(device, precision), images=images, cond=cond, sched=sched,
+                           hflip=args.hflip, drop_prob=args.drop_prob, ema_decay=args.ema_decay, precision=precision,
+                           channels_last=channels_last, world=1)
+
+
+def train_step(r, idx: torch.Tensor, step: int, stop: bool):
+    """One optimizer step as train.py runs it (bench.py times this same function): gather this rank's batch, the
+    loss, the agreement between ranks, backward (scaled in fp16), Adam, EMA. No weight moves when any rank's loss
+    is not finite; a step the fp16 scaler skips (inf gradients) is not that: the scaler lowers its scale and goes on.
+    Returns (mean loss over ranks, whether to stop after this step)."""
+    x0 = make_batch(r.images, idx, r.hflip)  # (B, 3, S, S) in [-1, 1]
+    loss = diffusion_loss(r.net, x0, r.cond[idx], r.sched, r.drop_prob, r.precision, r.channels_last)
+    loss_value, stop = agree(loss, stop, r.world)
+    if not math.isfinite(loss_value):
+        return loss_value, stop
+    r.opt.zero_grad(set_to_none=True)
+    r.scaler.scale(loss).backward()
+    r.scaler.step(r.opt)
+    r.scaler.update()
+    ema_update(r.ema, r.model, min(r.ema_decay, (2 + step) / (11 + step)))  # warm-up for short runs
+    return loss_value, stop
 
 
 def setup_distributed(device_name: str):
-    """Under torchrun (WORLD_SIZE > 1): join the process group and pick this rank's device. Returns
-    (rank, world_size, device); plain `python train.py` is rank 0 of 1 and touches nothing."""
+    """Under torchrun (RANK is set, even with one process): join the process group and pick this rank's device.
+    Returns (rank, world_size, device); plain `python train.py` is rank 0 of 1 and touches nothing."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    if "RANK" not in os.environ:
         return 0, 1, resolve_device(device_name)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name)
@@ -159,6 +263,50 @@ def shard(perm: torch.Tensor, batch: int, per_rank: int, rank: int, world: int) 
     return perm[start:start + per_rank]
 
 
+def load_val(data_dir: str, out_dir: str, objects: dict):
+    """The validation list: DATA_DIR/val.json (the synthetic set writes one), else 64 object sets drawn from
+    train.json with a fixed seed and written to OUT_DIR/val.json (in-distribution: they are training sets)."""
+    path = os.path.join(data_dir, "val.json")
+    if not os.path.isfile(path):
+        path = os.path.join(out_dir, "val.json")
+        if not os.path.isfile(path):
+            exclude = [read_json(os.path.join(data_dir, f"{s}.json"), "condition list") for s in ("test", "new_test")
+                       if os.path.isfile(os.path.join(data_dir, f"{s}.json"))]
+            val = draw_val(list(read_json(os.path.join(data_dir, "train.json"), "train.json").values()), exclude)
+            with open(path + ".tmp", "w") as f:
+                json.dump(val, f)
+            os.replace(path + ".tmp", path)
+    return load_conditions(data_dir, path, objects)
+
+
+def find_judge(args, data_dir: str, device: torch.device):
+    """The classifier that scores the validation list: --classifier, else DATA_DIR/checkpoint.pth; None if absent."""
+    path = args.classifier or os.path.join(data_dir, "checkpoint.pth")
+    if not os.path.isfile(path):
+        print(f"note: no classifier at {path}: validation accuracy is not measured and best.pt not kept "
+              f"(python evaluator.py --train, or pass --classifier)")
+        return None
+    return evaluation_model(path, device)
+
+
+def validate(ema: ContextUnet, val_cond: torch.Tensor, sched: dict, judge, precision: str) -> float:
+    """Top-k accuracy of the EMA network's samples of the validation list: DDIM 50, w 0.5, seed 0, one per condition."""
+    x0, _ = sample_images(ema, val_cond, sched, w=0.5, sampler="ddim", steps=50, seed=0, precision=precision)
+    return judge.eval(to_64(x0), val_cond)
+
+
+def time_left(args, t_start: float, steps_done: int, steps_left: int) -> float:
+    """Seconds this invocation has left: the steps still to train at the rate so far, cut by --minutes."""
+    elapsed = time.time() - t_start
+    left = elapsed / max(steps_done, 1) * steps_left
+    return min(left, 60 * args.minutes - elapsed) if args.minutes else left
+
+
+def fmt_time(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 def train(args) -> ContextUnet:
     """Train as args say; returns the trained network (the plain module, as in the checkpoint)."""
     rank, world, device = setup_distributed(args.device)
@@ -170,33 +318,40 @@ def train(args) -> ContextUnet:
         raise UserError(f"--image-size {args.image_size}: must be divisible by 4 (the net halves it twice); try 64")
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size}: the global batch must divide among {world} processes")
+    precision = resolve_precision(args.precision, device)
+    channels_last = resolve_switch(args.channels_last, device, "--channels-last")
+    fused = resolve_switch(args.fused_adam, device, "--fused-adam")
+    eval_every = (10 if device.type == "cuda" else 0) if args.eval_every is None else args.eval_every
+    setup_backends(device, precision, args.deterministic)
     ensure_writable(args.out_dir, "--out-dir")
     if not main_rank:
         dist.barrier()  # the other ranks wait while rank 0 renders the synthetic set or fills the decode cache
     data_dir = args.data_dir = prepare_data(args)
     images, cond = load_train(data_dir, args.image_dir, args.image_size)  # (N, 3, S, S) uint8, (N, 24) multi-hot
-    if main_rank and world > 1:
+    objects = load_objects(data_dir)
+    _, val_cond = load_val(data_dir, args.out_dir, objects) if main_rank else (None, None)
+    if main_rank and dist.is_initialized():
         dist.barrier()
     torch.manual_seed(args.seed + rank)  # noise, t and condition drops differ per rank ...
     data_gen = torch.Generator().manual_seed(args.seed)  # ... the epoch order is the same on every rank
     images, cond = images.to(device), cond.to(device)  # the whole set lives on the device: no loader, no decode
-    _, test_cond = load_conditions(data_dir, "test", load_objects(data_dir))
+    judge = find_judge(args, data_dir, device) if main_rank and eval_every else None
 
-    model = ContextUnet(3, args.n_feat, cond.shape[1], args.image_size).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type == "cuda")
     sched = {k: v.to(device) for k, v in ddpm_schedules(args.beta1, args.beta2, args.T, args.schedule).items()}
-    if device.type == "cuda":
-        model, ema = model.to(memory_format=torch.channels_last), ema.to(memory_format=torch.channels_last)
+    r = make_trainer(args, device, precision, channels_last, fused, images, cond, sched)
+    model, ema, opt, scaler = r.model, r.ema, r.opt, r.scaler
     config = {"model": model.config, "data_dir": data_dir, "T": args.T, "beta1": args.beta1, "beta2": args.beta2,
               "schedule": args.schedule,
               "train": {k: v for k, v in vars(args).items() if k not in ("explicit", "resume", "device")}}
-    epoch, batch, step, perm = 0, 0, 0, None
+    epoch, batch, step, perm, best_val = 0, 0, 0, None, None
     if ckpt:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
-        epoch, batch, step, perm = ckpt["epoch"], ckpt["batch"], ckpt["step"], ckpt["perm"]
+        match_optimizer_layout(opt)
+        if ckpt.get("scaler") and scaler.is_enabled():
+            scaler.load_state_dict(ckpt["scaler"])
+        epoch, batch, step, perm, best_val = ckpt["epoch"], ckpt["batch"], ckpt["step"], ckpt["perm"], ckpt.get("best_val")
         data_gen.set_state(ckpt["rng"]["data"])
         if len(ckpt["rng"]["ranks"]) == world:  # each rank's own noise stream (reseeded if the world size changed)
             torch.set_rng_state(ckpt["rng"]["ranks"][rank]["cpu"])
@@ -204,17 +359,30 @@ def train(args) -> ContextUnet:
                 torch.cuda.set_rng_state(ckpt["rng"]["ranks"][rank]["cuda"])
         say(f"resuming {ckpt_path} at epoch {epoch}, batch {batch}, step {step}")
 
-    def checkpoint(epoch, batch, perm):
+    def checkpoint(epoch, batch, perm, evaluate=False):
+        """Every rank's RNG, the EMA's own BatchNorm statistics, the validation score, then an atomic write."""
+        nonlocal best_val
         rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
         ranks = [None] * world
-        if world > 1:
+        if dist.is_initialized():
             dist.all_gather_object(ranks, rng)  # every rank's RNG, so a resume continues each stream exactly
         else:
             ranks = [rng]
-        if main_rank:
-            save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                             "epoch": epoch, "batch": batch, "step": step, "perm": perm, "config": config,
-                             "rng": {"data": data_gen.get_state(), "ranks": ranks}}, ckpt_path)
+        if not main_rank:
+            return None
+        refresh_bn_stats(ema, bn_batches(images, cond, sched, args.drop_prob, args.seed + step, min(1024, n), bs * world),
+                         precision, channels_last)
+        val_acc = validate(ema, val_cond, sched, judge, precision) if evaluate and judge else None
+        is_best = val_acc is not None and (best_val is None or val_acc >= best_val)  # a tie keeps the later
+        best_val = val_acc if is_best else best_val
+        state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                 "scaler": scaler.state_dict(), "epoch": epoch, "batch": batch, "step": step, "perm": perm,
+                 "best_val": best_val, "val_acc": val_acc, "config": config,
+                 "rng": {"data": data_gen.get_state(), "ranks": ranks}}
+        save_checkpoint(state, ckpt_path)
+        if is_best:
+            save_checkpoint(state, os.path.join(args.out_dir, "best.pt"))
+        return val_acc
 
     stop = {"signal": None}  # Ctrl-C / SIGTERM finish the current step, save, and exit cleanly
     on_signal = lambda signum, frame: stop.update(signal=signal.Signals(signum).name)
@@ -223,15 +391,17 @@ def train(args) -> ContextUnet:
     n_batches = n // (bs * world)  # the ragged last batch is dropped: BatchNorm dislikes tiny batches
     say(f"ContextUnet: {count_params(model) / 1e6:.2f}M parameters, {args.image_size}px, n_feat {args.n_feat}; "
         f"{n} images from {data_dir}; {n_batches} steps/epoch of {bs * world}"
-        f"{f' ({world} processes x {bs})' if world > 1 else ''}; device {device}")
+        f"{f' ({world} processes x {bs})' if world > 1 else ''}; device {device}, {precision}"
+        f"{', channels_last' if channels_last else ''}{', fused Adam' if fused else ''}"
+        f"{f', stops after {args.minutes:g} min' if args.minutes else ''}")
     log = open(os.path.join(args.out_dir, "metrics.jsonl"), "a") if main_rank else None
-    use_bf16 = device.type == "cuda"
     net = torch.compile(model) if args.compile else model  # checkpoints always save the plain module
-    if world > 1 and device.type == "cuda":  # BatchNorm statistics over the global batch, as one process has them
+    if dist.is_initialized() and device.type == "cuda":  # BatchNorm statistics over the global batch, as one process has them
         net = DDP(nn.SyncBatchNorm.convert_sync_batchnorm(net), device_ids=[device.index])
-    elif world > 1:  # SyncBatchNorm is GPU-only: on CPU each process normalizes over its own share of the batch
+    elif dist.is_initialized():  # SyncBatchNorm is GPU-only: on CPU each process normalizes over its own share of the batch
         net = DDP(net)
-    t_start, loss_sum, loss_count = time.time(), 0.0, 0
+    r.net, r.world = net, world
+    t_start, step0, loss_sum, loss_count = time.time(), step, 0.0, 0
     try:
         while epoch < args.epochs:
             if perm is None:
@@ -239,41 +409,39 @@ def train(args) -> ContextUnet:
             bar = tqdm(range(batch, n_batches), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=not main_rank)
             t_epoch, loss_sum, loss_count = time.time(), 0.0, 0
             for batch in bar:
-                idx = shard(perm, batch, bs, rank, world)
-                x0 = make_batch(images, idx, args.hflip)                       # (B, 3, S, S) in [-1, 1]
-                loss = diffusion_loss(net, x0, cond[idx], sched, args.drop_prob, use_bf16)
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):  # checked before the update, so no weight is touched by it
+                time_up = bool(args.minutes) and time.time() - t_start >= 60 * args.minutes
+                loss_value, stop_now = train_step(r, shard(perm, batch, bs, rank, world), step, bool(stop["signal"]) or time_up)
+                if not math.isfinite(loss_value):  # checked before the update, on every rank: no weight is touched
                     raise UserError(f"loss became {loss_value} at epoch {epoch + 1}, step {step + 1}; {ckpt_path} still "
                                     f"holds the last good state: lower --lr and resume with --resume")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
-                ema_update(ema, model, min(args.ema_decay, (1 + step) / (10 + step)))  # warm-up for short runs
-                loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
-                bar.set_postfix(loss=f"{loss_sum / loss_count:.4f}")
+                step, loss_sum, loss_count = step + 1, loss_sum + loss_value, loss_count + 1
+                left = time_left(args, t_start, step - step0, args.epochs * n_batches - step)
+                bar.set_postfix(loss=f"{loss_sum / loss_count:.4f}", run_left=fmt_time(left))
                 if loss_count == 3 and main_rank and device.type == "cpu":
                     estimate_cpu_time(time.time() - t_epoch, n_batches * args.epochs, bar)
-                if stop["signal"]:
+                if stop_now:
                     checkpoint(epoch, batch + 1, perm)
-                    say(f"\n{stop['signal']}: saved {ckpt_path} at epoch {epoch + 1}, step {step}; "
+                    why = stop["signal"] or ("time budget" if time_up else "another process stopped")
+                    say(f"\n{why}: saved {ckpt_path} at epoch {epoch + 1}, step {step}; "
                         f"continue with: python train.py --resume --out-dir {args.out_dir}")
                     return model
             epoch, batch, perm = epoch + 1, 0, None
-            checkpoint(epoch, 0, None)
+            val_acc = checkpoint(epoch, 0, None, evaluate=bool(eval_every) and epoch % eval_every == 0)
             if main_rank:
                 seconds = time.time() - t_epoch
                 row = {"epoch": epoch, "step": step, "loss": loss_sum / max(loss_count, 1),
                        "images_per_s": loss_count * bs * world / seconds, "epoch_s": round(seconds, 2),
-                       "elapsed_s": round(time.time() - t_start, 1)}
+                       "elapsed_s": round(time.time() - t_start, 1), **({"val_acc": val_acc} if val_acc is not None else {})}
                 log.write(json.dumps(row) + "\n")
                 log.flush()
-                tqdm.write(f"epoch {epoch}/{args.epochs}  loss {row['loss']:.4f}  {row['images_per_s']:.0f} img/s  "
-                           f"saved {ckpt_path}")
+                plot_curves(args.out_dir)
+                left = time_left(args, t_start, step - step0, (args.epochs - epoch) * n_batches)
+                tqdm.write(f"epoch {epoch}/{args.epochs}  loss {row['loss']:.4f}  {row['images_per_s']:.0f} img/s"
+                           f"{f'  val {val_acc:.3f} (best {best_val:.3f})' if val_acc is not None else ''}  "
+                           f"{fmt_time(left)} left  saved {ckpt_path}")
             if main_rank and args.sample_every and (epoch % args.sample_every == 0 or epoch == args.epochs):
-                # a quick DDIM grid of the test conditions, with its own RNG: training randomness is untouched
-                x0, _ = sample_images(ema, test_cond, sched, w=0.5, sampler="ddim", steps=50, seed=0)
+                # a quick DDIM grid of the first 32 validation conditions, with its own RNG: training is untouched
+                x0, _ = sample_images(ema, val_cond[:32], sched, w=0.5, sampler="ddim", steps=50, seed=0, precision=precision)
                 os.makedirs(os.path.join(args.out_dir, "progress"), exist_ok=True)
                 save_grid(to_64(x0), os.path.join(args.out_dir, "progress", f"epoch_{epoch:04d}.png"))
     finally:  # leave the process as we found it (tests call train() in-process)
@@ -281,7 +449,7 @@ def train(args) -> ContextUnet:
             log.close()
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
-        if world > 1:
+        if dist.is_initialized():
             dist.destroy_process_group()
     say(f"done: {epoch} epochs, {step} steps in {(time.time() - t_start) / 60:.1f} min, final loss "
         f"{loss_sum / max(loss_count, 1):.4f}; checkpoint {ckpt_path}; next: python sample.py --ckpt {ckpt_path}")

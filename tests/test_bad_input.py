@@ -55,7 +55,7 @@ def test_sampling_mistakes(trained, tmp_path, capsys, monkeypatch):
           capsys, monkeypatch, "'red cube' appears twice")
     fails(sample, ["--ckpt", ckpt, "--conditions", write(tmp_path / "m.json", "[[\"red cube\"")], capsys,
           monkeypatch, "m.json: malformed JSON")
-    fails(sample, ["--ckpt", ckpt, "--split", "val"], capsys, monkeypatch, "--split val: no such split")
+    fails(sample, ["--ckpt", ckpt, "--split", "valid"], capsys, monkeypatch, "--split valid: no such split")
     fails(sample, ["--ckpt", ckpt, "--w", "-1"], capsys, monkeypatch, "--w -1.0: the guidance weight must be >= 0")
     fails(sample, ["--ckpt", str(tmp_path / "none.pt")], capsys, monkeypatch, "checkpoint not found")
     truncated = tmp_path / "trunc.pt"

@@ -33,6 +33,15 @@ def test_train_sample_evaluate_end_to_end(tiny_data, tmp_path):
     assert summary.startswith("summary: test ") and "new_test" in summary
     assert 0 <= float(summary.split()[2]) <= 1
     assert "Frechet distance to ground-truth renders" in p.stdout  # the tiny set has ground-truth renders
+    run("sample.py", "--ckpt", f"{out}/ckpt.pt", "--split", "val", "--sampler", "ddim", "--steps", "5")
+    with open(os.path.join(tiny_data, "val.json")) as f:
+        assert len(os.listdir(f"{out}/samples/val")) == len(json.load(f))
+    p = run("evaluate.py", "--split", "val", "--ckpt", f"{out}/ckpt.pt", "--classifier", str(tmp_path / "clf.pth"))
+    assert p.stdout.strip().splitlines()[-1].startswith("summary: val ")
+    p = run("evaluate.py", "--ckpt", f"{out}/ckpt.pt", "--classifier", str(tmp_path / "clf.pth"),
+            "--sweep", "0,2", "--seeds", "0,1", "--steps", "5", "--split", "val")
+    with open(f"{out}/samples/sweep_ddim5.json") as f:
+        assert [row["w"] for row in json.load(f)] == [0.0, 2.0] and "val" in p.stdout
     p = run("evaluate.py", "--ckpt", f"{out}/ckpt.pt", "--classifier", str(tmp_path / "clf.pth"),
             "--sweep", "0,2", "--seeds", "0,1", "--steps", "5")
     with open(f"{out}/samples/sweep_ddim5.json") as f:

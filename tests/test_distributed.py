@@ -52,3 +52,66 @@ def test_shards_of_a_permutation_are_disjoint_and_complete():
     perm = torch.randperm(48)
     parts = [train.shard(perm, b, 4, r, 3) for b in range(4) for r in range(3)]
     assert sorted(torch.cat(parts).tolist()) == list(range(48))
+
+
+DRIVER = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import torch
+import train
+torch.set_num_threads(1)
+calls = [0]
+if int(os.environ["RANK"]) == 1 and {fault!r} == "nan":  # this rank alone sees a non-finite loss, at its first step
+    real_mse = train.F.mse_loss
+    train.F.mse_loss = lambda a, b: real_mse(a, b) * float("nan")
+if int(os.environ["RANK"]) == 1 and {fault!r} == "sigterm":  # this rank alone gets SIGTERM, during its 4th step
+    real_update = train.ema_update
+    def update(*args):
+        real_update(*args)
+        calls[0] += 1
+        if calls[0] == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+    train.ema_update = update
+sys.argv = ["train.py"] + {argv!r}
+train.main()
+"""
+
+
+def launch(argv, fault=None, world=2):
+    """Start `world` train.py processes as torchrun would (gloo on CPU); returns [(returncode, stdout, stderr)]."""
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        code = DRIVER.format(root=ROOT, fault=fault, argv=argv)
+        procs.append(subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    return [(p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for p in procs]
+
+
+def test_a_nan_on_one_rank_stops_both_with_the_error_and_keeps_the_checkpoint(tiny_data, tmp_path):
+    args = ["--data-dir", tiny_data, "--out-dir", str(tmp_path), *TINY]
+    assert [rc for rc, _, _ in launch(args + ["--epochs", "1"])] == [0, 0]
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    results = launch(args + ["--epochs", "2", "--resume"], fault="nan")
+    for rc, out, err in results:  # neither waits forever in an all-reduce: both name the step and exit 2
+        assert rc == 2, err[-2000:]
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("error: loss became nan at epoch 2, step 4;") and "Traceback" not in err, err[-2000:]
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+
+
+def test_sigterm_to_one_rank_stops_both_at_the_same_step_and_the_resume_is_bit_exact(tiny_data, tmp_path):
+    from test_reliability import assert_same_state
+    args = ["--data-dir", tiny_data, *TINY, "--epochs", "2"]
+    assert [rc for rc, _, _ in launch(args + ["--out-dir", str(tmp_path / "a")])] == [0, 0]
+    results = launch(args + ["--out-dir", str(tmp_path / "b")], fault="sigterm")
+    assert [rc for rc, _, _ in results] == [0, 0], results[1][2][-2000:]
+    assert "another process stopped: saved" in results[0][1] and "--resume" in results[0][1]
+    stopped = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)
+    assert (stopped["epoch"], stopped["batch"], stopped["step"]) == (1, 2, 5)  # rank 1's signal, agreed at step 5
+    assert len(stopped["rng"]["ranks"]) == 2
+    assert [rc for rc, _, _ in launch(args + ["--out-dir", str(tmp_path / "b"), "--resume"])] == [0, 0]
+    straight, resumed = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False) for d in ("a", "b"))
+    assert_same_state(straight, resumed)

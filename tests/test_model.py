@@ -62,3 +62,15 @@ def test_folding_batchnorm_keeps_the_outputs():
     fold_batchnorm(model)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     torch.testing.assert_close(model(x, c, t), before, rtol=1e-4, atol=1e-5)
+
+
+def test_under_bf16_autocast_neighbouring_timesteps_stay_apart():
+    # t / T in bf16 merges 398/400 and 399/400 (8 mantissa bits): the embeddings must see float32
+    torch.manual_seed(0)
+    model = ContextUnet(n_feat=8, image_size=16).eval()
+    x, c = torch.randn(1, 3, 16, 16).repeat(2, 1, 1, 1), torch.zeros(2, 24)
+    t = torch.tensor([398 / 400, 399 / 400])
+    assert torch.tensor(398 / 400).bfloat16() == torch.tensor(399 / 400).bfloat16()  # the trap itself
+    with torch.autocast("cpu", torch.bfloat16):
+        out = model(x, c, t)
+    assert not torch.equal(out[0], out[1])

@@ -1,4 +1,5 @@
 """No lost work and exact resume: atomic checkpoints, clean stops on signals, bit-identical resumes, NaN guards."""
+import json
 import os
 import signal
 import subprocess
@@ -53,7 +54,8 @@ def test_a_stop_in_the_middle_of_an_epoch_resumes_bit_for_bit(tiny_data, tmp_pat
 
     monkeypatch.setattr(train, "ema_update", update_then_sigterm_at_step_4)
     stopped = train_run(tiny_data, tmp_path / "b", "--epochs", "2")
-    assert (stopped["epoch"], stopped["batch"], stopped["step"]) == (1, 1, 4)
+    # the stop is agreed at the next step's sync (all processes stop on the same step), so step 5 completes too
+    assert (stopped["epoch"], stopped["batch"], stopped["step"]) == (1, 2, 5)
     monkeypatch.setattr(train, "ema_update", real_update)
     resumed = train_run(tiny_data, tmp_path / "b", "--resume")
     assert_same_state(straight, resumed)
@@ -122,3 +124,63 @@ def test_sigterm_saves_and_exits_zero_with_a_resume_hint_and_kill_9_leaves_a_loa
     proc.kill()
     proc.wait()
     assert torch.load(tmp_path / "kill" / "ckpt.pt", weights_only=False)["epoch"] >= 1
+
+
+def test_the_ema_entry_holds_batchnorm_statistics_of_the_ema_weights(tiny_data, tmp_path):
+    """Against torch's own update_bn on the same inputs: the statistics belong to the EMA weights, not the raw ones."""
+    from torch.optim.swa_utils import update_bn
+    from dataset import load_train
+    from model import ContextUnet
+    from schedule import ddpm_schedules
+    ckpt = train_run(tiny_data, tmp_path, "--epochs", "2", "--ema-decay", "0.5")
+    ema = ContextUnet(**ckpt["config"]["model"])
+    ema.load_state_dict(ckpt["ema"])
+    images, cond = load_train(tiny_data, image_size=16)
+    batches = list(train.bn_batches(images, cond, ddpm_schedules(T=20), 0.1, 42 + ckpt["step"], 36, 12))
+
+    class Wrapped(torch.nn.Module):  # update_bn calls model(batch[0])
+        def __init__(self):
+            super().__init__()
+            self.net = ema
+
+        def forward(self, batch):
+            return self.net(*batch)
+
+    reference = Wrapped()
+    update_bn([[b] for b in batches], reference)
+    for name, value in ema.state_dict().items():
+        if name.endswith(("running_mean", "running_var")):
+            torch.testing.assert_close(ckpt["ema"][name], value, rtol=1e-4, atol=1e-6)
+            assert not torch.allclose(ckpt["ema"][name], ckpt["model"][name], rtol=1e-3), name  # not copied
+
+
+def test_a_checkpoint_saved_in_nchw_resumes_in_channels_last_with_the_optimizer_state_laid_out_alike(tiny_data, tmp_path):
+    train_run(tiny_data, tmp_path, "--epochs", "1", "--channels-last", "0")
+    resumed = train_run(tiny_data, tmp_path, "--epochs", "2", "--resume", "--channels-last", "1", "--fused-adam", "1")
+    params = dict(resumed["model"])
+    weights = [k for k, v in params.items() if v.dim() == 4]
+    for i, name in enumerate(k for k, _ in train.ContextUnet(3, 8, 24, 16).named_parameters()):
+        if name in weights:
+            assert params[name].is_contiguous(memory_format=torch.channels_last), name
+            for moment in ("exp_avg", "exp_avg_sq"):
+                assert resumed["optimizer"]["state"][i][moment].stride() == params[name].stride(), (name, moment)
+    assert resumed["step"] == 6 and all(torch.isfinite(v).all() for v in params.values() if v.is_floating_point())
+
+
+def test_minutes_stops_at_a_step_boundary_saves_and_resumes_exactly(tiny_data, tmp_path):
+    preset = ["--preset", "cpu", "--data-dir", tiny_data, "--sample-every", "0", "--T", "20"]
+    p = subprocess.run([sys.executable, "train.py", *preset, "--out-dir", str(tmp_path / "b"), "--epochs", "100000",
+                        "--minutes", "0.1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "time budget: saved" in p.stdout and f"python train.py --resume --out-dir {tmp_path / 'b'}" in p.stdout
+    stopped = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)
+    rows = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
+    assert 0 < stopped["step"] and stopped["epoch"] < 100000
+    assert rows[-1]["elapsed_s"] < 6 + rows[-1]["epoch_s"] + 5  # 0.1 min, then at most the epoch in progress
+    epochs = stopped["epoch"] + 2  # finish the epoch it stopped in, and one more
+    straight = train.train(train.get_args([*preset, "--out-dir", str(tmp_path / "a"), "--epochs", str(epochs)]))
+    resumed = train.train(train.get_args(["--resume", "--out-dir", str(tmp_path / "b"), "--epochs", str(epochs),
+                                          "--minutes", "0"]))
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False) for d in ("a", "b"))
+    assert_same_state(a, b)
+    assert all(torch.equal(straight.state_dict()[k], resumed.state_dict()[k]) for k in straight.state_dict())

@@ -31,7 +31,8 @@ def test_ddpm_step_adds_noise_of_std_sqrt_beta_t():
 def test_ddim_step_with_the_true_eps_lands_on_the_forward_sample_at_t_prev():
     s = ddpm_schedules(1e-4, 0.02, 400)
     g = torch.Generator().manual_seed(3)
-    x0, eps = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 3, 8, 8, generator=g)
+    x0 = torch.rand(2, 3, 8, 8, generator=g) * 2 - 1  # data lies in [-1, 1], where the x0 clip changes nothing
+    eps = torch.randn(2, 3, 8, 8, generator=g)
     for t, t_prev in ((400, 392), (100, 37), (8, 0)):
         x_t = q_sample(x0, torch.full((2,), t), eps, s)
         expected = s["alphabar_t"][t_prev].sqrt() * x0 + (1 - s["alphabar_t"][t_prev]).sqrt() * eps
@@ -92,3 +93,32 @@ def test_guided_sampling_with_w_zero_ignores_the_unconditional_answer_and_batche
     c, _ = sample_images(model, cond, s, w=1.5, sampler="ddpm", seed=4, batched_guidance=False)
     torch.testing.assert_close(b, c)
     assert not torch.allclose(b, a)  # guidance moved the result away from x*
+
+
+def test_ddim_clips_x0_so_an_eps_error_cannot_be_amplified():
+    # cosine schedule, first DDIM-50 jump: unclipped, an error in eps reaches x_{t_prev} multiplied by about 250
+    s = ddpm_schedules(T=400, kind="cosine")
+    t, t_prev = timesteps(400, "ddim", 50)[:2]
+    g = torch.Generator().manual_seed(5)
+    x_t, eps = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 3, 8, 8, generator=g)
+    gain = (s["sqrtab"][t_prev] * s["sqrtmab"][t] / s["sqrtab"][t]).item()
+    assert gain > 100  # the amplification the clip guards against
+    for error in (0.1, 10.0):
+        out = ddim_step(x_t, eps + error, t, t_prev, s)
+        # x_{t_prev} = sqrt(ab_prev) x0 + sqrt(1 - ab_prev) eps with |x0| <= 1
+        bound = s["sqrtab"][t_prev] + 1e-6
+        assert ((out - s["sqrtmab"][t_prev] * (eps + error)).abs() <= bound).all()
+
+
+def test_ddpm_x0_clipped_step_is_the_posterior_mean_when_x0_is_in_range_and_bounded_when_not():
+    s = ddpm_schedules(1e-4, 0.02, 400)
+    g = torch.Generator().manual_seed(6)
+    x0 = torch.rand(2, 3, 8, 8, generator=g) * 1.8 - 0.9  # inside [-1, 1]
+    eps = torch.randn(2, 3, 8, 8, generator=g)
+    zero = torch.zeros_like(x0)
+    for t in (1, 50, 400):
+        x_t = q_sample(x0, torch.full((2,), t), eps, s)
+        torch.testing.assert_close(ddpm_step(x_t, eps, t, zero, s, clip_x0=True), ddpm_step(x_t, eps, t, zero, s),
+                                   rtol=0, atol=2e-4)
+        wild = ddpm_step(x_t, eps + 50.0, t, zero, s, clip_x0=True)  # x0 prediction far outside the data range
+        assert ((wild - s["coef_xt"][t] * x_t).abs() <= s["coef_x0"][t] + 1e-6).all()

@@ -1,0 +1,71 @@
+"""Where and in what precision the scripts run: one place decides the device, the autocast dtype, and the backend
+switches that go with them, so train.py, sample.py, bench.py and evaluator.py always agree.
+
+precision "auto": bf16 on GPUs that support it (Ampere and later), fp16 with a gradient scaler on older GPUs (T4,
+V100, RTX 20xx), fp32 on the CPU. Every precision also runs on the CPU, so the tests execute each path.
+"""
+import os
+
+import torch
+
+from dataset import UserError
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device name; use auto, cpu, cuda or cuda:N")
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """'auto' -> bf16, fp16 or fp32 as the device allows; an explicit choice is checked against the device."""
+    if name not in PRECISIONS:
+        raise UserError(f"--precision {name}: not a precision; use {', '.join(PRECISIONS)}")
+    if name == "auto":
+        if device.type != "cuda":
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bf16; use fp16 or auto")
+    return name
+
+
+def resolve_switch(value, device: torch.device, flag: str) -> bool:
+    """A speed switch given as auto, 1 or 0: 'auto' is on for CUDA (where it pays) and off on the CPU."""
+    if str(value) == "auto":
+        return device.type == "cuda"
+    if str(value) in ("0", "1"):
+        return str(value) == "1"
+    raise UserError(f"{flag} {value}: use auto, 1 or 0")
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context for a resolved precision: fp32 runs with autocast off."""
+    return torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32")
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """fp16 gradients underflow without loss scaling; bf16 and fp32 have fp32's range and need none (the scaler is
+    then a pass-through that still offers state_dict, so checkpoints have one format)."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def setup_backends(device: torch.device, precision: str, deterministic: bool = False) -> None:
+    deterministic = bool(deterministic)
+    """fp32 means float32: TF32 (10-bit mantissa, on by default for cuDNN convolutions) is switched off with it.
+    Shapes are fixed in training and sampling, so cuDNN may benchmark its kernels once; with deterministic, it
+    must not, and every op must pick a deterministic kernel (bit-exact resumes on CUDA, at some speed)."""
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic matmuls
+    torch.use_deterministic_algorithms(deterministic)

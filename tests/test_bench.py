@@ -1,0 +1,26 @@
+"""bench.py measures what train.py runs: its own step function, and a "plain" mode that is really float32 NCHW."""
+import torch
+
+import bench
+import train
+
+
+def test_bench_times_train_py_step_and_plain_is_float32_nchw_without_tf32(monkeypatch, capsys):
+    assert bench.train_step is train.train_step
+    seen = set()
+
+    def spy(r, idx, step, stop):
+        weight = r.model.init_conv.conv1[0].weight
+        seen.add((r.precision, r.channels_last, weight.is_contiguous(), torch.backends.cudnn.allow_tf32))
+        return train.train_step(r, idx, step, stop)
+
+    monkeypatch.setattr(bench, "train_step", spy)
+    try:
+        bench.main(["--image-size", "16", "--n-feat", "8", "--batch-size", "8", "--train-steps", "2", "--no-sample",
+                    "--data-dir", "/nonexistent", "--precision", "bf16", "--channels-last", "1"])
+    finally:
+        torch.backends.cudnn.allow_tf32 = True
+    assert ("bf16", True, False, True) in seen  # fast: as asked
+    assert ("fp32", False, True, False) in seen  # plain: float32, NCHW weights, TF32 off
+    out = capsys.readouterr().out
+    assert "EMA statistics + checkpoint, once an epoch" in out and "plain: fp32 (TF32 off), NCHW" in out

@@ -1,0 +1,160 @@
+"""Every precision and speed switch executed on the CPU: bf16 and fp16 (with its gradient scaler) against fp32,
+channels_last, fused Adam, and the one place that chooses them for a device."""
+import argparse
+import copy
+import os
+
+import pytest
+import torch
+
+import device as device_module
+import train
+from device import autocast, resolve_precision, setup_backends
+from model import ContextUnet
+from sample import sample_images
+from schedule import ddpm_schedules
+
+TINY = ["--image-size", "16", "--n-feat", "8", "--batch-size", "12", "--T", "20", "--sample-every", "0"]
+CPU = torch.device("cpu")
+
+
+def one_step_grads(precision, channels_last=False):
+    """Loss and gradients of one training step of a fixed tiny network on a fixed batch."""
+    torch.manual_seed(0)
+    model = ContextUnet(n_feat=16, image_size=16)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(1)
+    x0, cond = torch.rand(8, 3, 16, 16, generator=g) * 2 - 1, (torch.rand(8, 24, generator=g) < 0.1).float()
+    torch.manual_seed(2)  # the same t, eps and condition drops in every precision
+    loss = train.diffusion_loss(model, x0, cond, ddpm_schedules(T=50), 0.1, precision, channels_last)
+    loss.backward()
+    return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("precision,tol", [("bf16", 0.05), ("fp16", 0.01)])
+def test_a_training_step_in_half_precision_agrees_with_fp32(precision, tol):
+    loss32, grad32 = one_step_grads("fp32")
+    loss, grad = one_step_grads(precision)
+    assert abs(loss - loss32) / loss32 < tol, (loss, loss32)  # bf16 has 8 mantissa bits, fp16 11
+    cosine = torch.nn.functional.cosine_similarity(grad, grad32, dim=0).item()
+    assert cosine > 1 - tol, cosine
+
+
+def test_channels_last_gives_the_same_step_as_nchw():
+    loss_a, grad_a = one_step_grads("fp32")
+    loss_b, grad_b = one_step_grads("fp32", channels_last=True)
+    assert abs(loss_a - loss_b) < 1e-5
+    torch.testing.assert_close(grad_b, grad_a, rtol=1e-3, atol=1e-5)
+
+
+def test_fused_adam_moves_the_weights_as_for_each_adam():
+    torch.manual_seed(0)
+    a = ContextUnet(n_feat=8, image_size=16)
+    b = copy.deepcopy(a)
+    opts = [torch.optim.Adam(a.parameters(), lr=1e-3), torch.optim.Adam(b.parameters(), lr=1e-3, fused=True)]
+    start = [p.detach().clone() for p in a.parameters()]
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):  # the same gradients for both: only the optimizer's code path differs
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            pa.grad = torch.randn(pa.shape, generator=g)
+            pb.grad = pa.grad.clone()
+        for opt in opts:
+            opt.step()
+    for pa, pb, p0 in zip(a.parameters(), b.parameters(), start):
+        torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-6)
+        assert (pb - p0).abs().max() > 1e-3  # both really stepped (3 steps of lr 1e-3)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_training_on_a_tiny_set_has_a_finite_falling_loss(precision, tiny_data, tmp_path):
+    args = train.get_args(["--data-dir", tiny_data, "--out-dir", str(tmp_path), *TINY, "--epochs", "6",
+                           "--precision", precision, "--lr", "3e-3"])
+    train.train(args)
+    losses = [float(line.split('"loss": ')[1].split(",")[0]) for line in open(tmp_path / "metrics.jsonl")]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-2:]) < sum(losses[:2]), losses
+
+
+def test_fp16_scaler_state_survives_a_resume_bit_for_bit(tiny_data, tmp_path):
+    from test_reliability import assert_same_state, train_run
+    straight = train_run(tiny_data, tmp_path / "a", "--epochs", "2", "--precision", "fp16")
+    train_run(tiny_data, tmp_path / "b", "--epochs", "1", "--precision", "fp16")
+    resumed = train_run(tiny_data, tmp_path / "b", "--epochs", "2", "--resume")  # fp16 comes from the checkpoint
+    assert straight["scaler"]["scale"] > 0 and straight["scaler"] == resumed["scaler"]
+    assert straight["config"]["train"]["precision"] == resumed["config"]["train"]["precision"] == "fp16"
+    assert_same_state(straight, resumed)
+
+
+def test_a_step_the_fp16_scaler_skips_is_not_a_nan_stop(tiny_data, tmp_path, monkeypatch):
+    # a scale of 2^100 overflows every fp16 gradient: each step is skipped, the scale halves, training goes on
+    monkeypatch.setattr(train, "grad_scaler", lambda device, precision: torch.amp.GradScaler(
+        device.type, init_scale=2.0 ** 100, enabled=precision == "fp16"))
+    model = train.train(train.get_args(["--data-dir", tiny_data, "--out-dir", str(tmp_path), *TINY, "--epochs", "1",
+                                        "--precision", "fp16"]))
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 3 and ckpt["scaler"]["scale"] == 2.0 ** 97  # three skips, three halvings
+    torch.manual_seed(42)  # the seed train.py starts from: the weights are still the initial ones
+    initial = ContextUnet(3, 8, 24, 16)
+    for name, p in initial.named_parameters():
+        assert torch.equal(model.state_dict()[name], p), name
+
+
+def test_channels_last_and_fused_adam_train_and_are_saved_in_that_layout(tiny_data, tmp_path):
+    train.train(train.get_args(["--data-dir", tiny_data, "--out-dir", str(tmp_path), *TINY, "--epochs", "1",
+                                "--channels-last", "1", "--fused-adam", "1"]))
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    w = ckpt["model"]["init_conv.conv1.0.weight"]
+    assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_sampling_agrees_with_fp32(precision):
+    torch.manual_seed(0)
+    model = ContextUnet(n_feat=8, image_size=16).eval()
+    cond = torch.zeros(4, 24)
+    cond[:, 5] = 1
+    ref, _ = sample_images(model, cond, ddpm_schedules(T=20), sampler="ddim", steps=5, precision="fp32")
+    out, _ = sample_images(model, cond, ddpm_schedules(T=20), sampler="ddim", steps=5, precision=precision)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert (out - ref).abs().mean() < 0.05 and not torch.equal(out, ref)  # the half-precision path really ran
+
+
+def test_auto_precision_follows_the_card(monkeypatch):
+    assert resolve_precision("auto", CPU) == "fp32"
+    gpu = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto", gpu) == "bf16"  # Ampere and later
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla T4")
+    assert resolve_precision("auto", gpu) == "fp16"  # T4, V100, RTX 20xx
+    with pytest.raises(device_module.UserError, match="Tesla T4 has no bf16; use fp16 or auto"):
+        resolve_precision("bf16", gpu)
+    assert resolve_precision("fp16", CPU) == "fp16"  # every precision runs on the CPU too
+
+
+def test_backend_switches_for_fixed_shapes_and_for_deterministic_runs():
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32,
+             torch.are_deterministic_algorithms_enabled())
+    try:
+        setup_backends(torch.device("cuda"), "bf16")
+        assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.allow_tf32
+        setup_backends(torch.device("cuda"), "fp32", deterministic=True)
+        assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+        assert torch.are_deterministic_algorithms_enabled() and os.environ["CUBLAS_WORKSPACE_CONFIG"]
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32  # fp32 is float32
+    finally:
+        setup_backends(CPU, "fp32")
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32 = saved[:3]
+        torch.use_deterministic_algorithms(saved[3])
+
+
+def test_autocast_is_off_for_fp32_and_casts_for_half():
+    x = torch.randn(2, 4)
+    lin = torch.nn.Linear(4, 4)
+    with autocast(CPU, "fp32"):
+        assert lin(x).dtype == torch.float32
+    with autocast(CPU, "bf16"):
+        assert lin(x).dtype == torch.bfloat16

@@ -1,0 +1,94 @@
+"""Honest model selection: a validation list that never meets the test lists, best.pt following the validation
+maximum (through a resume too), and the curves picture."""
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+import evaluate
+import train
+from conftest import SHARED_ICLEVR
+from dataset import draw_val
+
+TINY = ["--image-size", "16", "--n-feat", "8", "--batch-size", "12", "--T", "20", "--sample-every", "0"]
+
+
+def sets(path):
+    with open(path) as f:
+        return {frozenset(c) for c in json.load(f)}
+
+
+def test_synthetic_val_never_shares_an_object_set_with_test_or_new_test(tiny_data):
+    val = sets(os.path.join(tiny_data, "val.json"))
+    assert val and not val & (sets(os.path.join(tiny_data, "test.json")) | sets(os.path.join(tiny_data, "new_test.json")))
+    with open(os.path.join(tiny_data, "train.json")) as f:
+        assert val <= {frozenset(c) for c in json.load(f).values()}  # drawn like test: sets of training images
+    assert len(os.listdir(os.path.join(tiny_data, "truth", "val"))) == 2 * len(val)  # its ground-truth renders
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_ICLEVR), reason="the course's JSON files are not beside the checkout")
+def test_val_drawn_from_the_course_train_json_has_64_sets_none_in_test_or_new_test():
+    with open(os.path.join(SHARED_ICLEVR, "train.json")) as f:
+        train_lists = list(json.load(f).values())
+    tests = [json.load(open(os.path.join(SHARED_ICLEVR, f"{s}.json"))) for s in ("test", "new_test")]
+    val = draw_val(train_lists, tests)
+    assert len(val) == 64 and len({frozenset(c) for c in val}) == 64
+    banned = {frozenset(c) for lists in tests for c in lists}
+    assert not {frozenset(c) for c in val} & banned
+    assert {len(c) for c in val} == {1, 2, 3} and val == draw_val(train_lists, tests)  # fixed seed, same list
+
+
+class ScriptedJudge:
+    """A stand-in classifier whose validation accuracies are given in advance."""
+
+    def __init__(self, scores):
+        self.scores = list(scores)
+
+    def eval(self, images, labels):
+        assert images.shape[-1] == 64 and len(images) == len(labels)
+        return self.scores.pop(0)
+
+
+def run(tiny_data, out, monkeypatch, scores, *extra):
+    monkeypatch.setattr(train, "find_judge", lambda args, data_dir, device: ScriptedJudge(scores))
+    train.train(train.get_args(["--data-dir", tiny_data, "--out-dir", str(out), *TINY, "--eval-every", "1", *extra]))
+    return torch.load(os.path.join(out, "best.pt"), weights_only=False)
+
+
+def test_best_pt_follows_the_validation_maximum_and_a_tie_keeps_the_later(tiny_data, tmp_path, monkeypatch):
+    best = run(tiny_data, tmp_path, monkeypatch, [0.2, 0.5, 0.5, 0.3], "--epochs", "4")
+    assert best["epoch"] == 3 and best["best_val"] == 0.5 and best["val_acc"] == 0.5
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["val_acc"] for r in rows] == [0.2, 0.5, 0.5, 0.3]
+    last = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert last["epoch"] == 4 and last["best_val"] == 0.5
+
+
+def test_a_resume_keeps_the_earlier_best(tiny_data, tmp_path, monkeypatch):
+    run(tiny_data, tmp_path, monkeypatch, [0.6, 0.2], "--epochs", "2")
+    best = run(tiny_data, tmp_path, monkeypatch, [0.3, 0.5], "--epochs", "4", "--resume")
+    assert best["epoch"] == 1 and best["best_val"] == 0.6
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["best_val"] == 0.6
+
+
+def test_curves_png_has_its_size_and_changes_when_an_epoch_is_logged(tiny_data, tmp_path, monkeypatch):
+    run(tiny_data, tmp_path, monkeypatch, [0.1, 0.3], "--epochs", "2")
+    png = tmp_path / "curves.png"
+    with Image.open(png) as im:
+        assert im.size == (720, 400)
+        assert len(im.convert("RGB").getcolors(maxcolors=10 ** 6)) > 3  # axes, text and two coloured curves
+    before = png.read_bytes()
+    run(tiny_data, tmp_path, monkeypatch, [0.4], "--epochs", "3", "--resume")
+    assert png.read_bytes() != before
+    os.remove(png)
+    evaluate.run(evaluate.get_args(["--curves", str(tmp_path)]))  # the same picture from any run folder
+    assert png.read_bytes() != before and os.path.getsize(png) > 0
+
+
+def test_without_a_classifier_training_says_so_once_and_carries_on(tiny_data, tmp_path, capsys):
+    train.train(train.get_args(["--data-dir", tiny_data, "--out-dir", str(tmp_path), *TINY, "--eval-every", "1",
+                                "--epochs", "2"]))
+    assert capsys.readouterr().out.count("no classifier at") == 1
+    assert not (tmp_path / "best.pt").exists() and (tmp_path / "ckpt.pt").exists()
