@@ -134,7 +134,7 @@ def run(args):
     images = torch.randint(0, 256, (n_images, 3, args.image_size, args.image_size), dtype=torch.uint8, device=device)
     cond = (torch.rand(n_images, 24, device=device) < 0.08).float()
     hp = argparse.Namespace(n_feat=args.n_feat, image_size=args.image_size, lr=1e-4, hflip=1, drop_prob=0.1, ema_decay=0.999,
-                            cond_bottleneck=0)
+                            cond_bottleneck=0, min_snr=0)
     modes = {"fast": (precision, cl, fused, False), "plain": ("fp32", False, False, False)}
     if args.compile:
         modes["compiled"] = (precision, cl, fused, True)

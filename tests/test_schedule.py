@@ -62,3 +62,24 @@ def test_chaining_single_noising_steps_gives_the_same_marginal_as_q_sample():
     ab = s["alphabar_t"][300].item()
     assert abs(x.mean().item() - math.sqrt(ab) * -0.4) < 0.01
     assert abs(x.var().item() - (1 - ab)) < 0.01
+
+
+def test_min_snr_weights_each_sample_by_min_snr_gamma_over_snr():
+    from train import diffusion_loss, noisy_batch
+    T, gamma = 100, 5.0
+    s = ddpm_schedules(1e-4, 0.02, T)
+    zero_net = lambda x_t, c, t: torch.zeros_like(x_t)  # then the loss is the weighted mean of eps^2
+    x0, cond = torch.zeros(64, 3, 4, 4), torch.zeros(64, 24)
+    torch.manual_seed(0)
+    _, _, t, eps = noisy_batch(x0, cond, s, 0.1)
+    betas = torch.cat([torch.zeros(1, dtype=torch.float64), torch.linspace(1e-4, 0.02, T, dtype=torch.float64)])
+    ab = torch.cumprod(1 - betas, 0)[(t * T).round().long()]  # independent float64 alphabar_t
+    snr = ab / (1 - ab)
+    expected = (torch.minimum(snr, torch.tensor(gamma, dtype=torch.float64)) / snr * eps.double().square().mean((1, 2, 3))).mean()
+    torch.manual_seed(0)
+    got = diffusion_loss(zero_net, x0, cond, s, 0.1, min_snr=gamma)
+    assert abs(got.item() - expected.item()) < 1e-5 * expected.item()
+    assert (snr > gamma).any() and (snr < gamma).any()  # both branches of the min were exercised
+    torch.manual_seed(0)
+    plain = diffusion_loss(zero_net, x0, cond, s, 0.1)
+    assert abs(plain.item() - eps.square().mean().item()) < 1e-6 and got < plain
