@@ -139,10 +139,11 @@ def plot_curves(run_dir: str, width: int = 720, height: int = 400) -> str:
     l1 = l1 if l1 > l0 else l0 + 1e-3
     x = lambda e: left + (e - e0) / (e1 - e0) * (right - left)
     y = lambda v, lo, hi: bottom - (v - lo) / (hi - lo) * (bottom - top)
-    for i in range(6):  # ticks: epochs below, loss on the left, accuracy on the right
-        e, v, a = e0 + i * (e1 - e0) / 5, l0 + i * (l1 - l0) / 5, i / 5
+    for e in range(e0, e1 + 1, max(1, -(-(e1 - e0) // 6))):  # whole epochs below
         draw.line([x(e), bottom, x(e), bottom + 4], fill="black")
-        draw.text((x(e) - 8, bottom + 6), f"{e:.0f}", fill="black")
+        draw.text((x(e) - 8, bottom + 6), str(e), fill="black")
+    for i in range(6):  # loss on the left, accuracy on the right
+        v, a = l0 + i * (l1 - l0) / 5, i / 5
         draw.text((4, y(v, l0, l1) - 5), f"{v:.4f}", fill=(31, 119, 180))
         draw.text((right + 6, y(a, 0, 1) - 5), f"{a:.1f}", fill=(214, 39, 40))
     draw.text(((left + right) // 2 - 15, height - 16), "epoch", fill="black")

@@ -59,3 +59,13 @@ def test_preset_fills_defaults_and_explicit_flags_win():
         assert getattr(args, key) == PRESETS["cpu"][key], key
     plain = get_args([])
     assert (plain.image_size, plain.n_feat, plain.epochs) == (64, 128, 300)
+
+
+def test_the_preset_is_what_the_readme_says():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        line = next(l for l in f if l.startswith("# --preset cpu is:"))
+    from train import get_args
+    spelled_out, preset = vars(get_args(line.split(":", 1)[1].split())), vars(get_args(["--preset", "cpu"]))
+    for key in preset:
+        if key not in ("preset", "explicit"):
+            assert spelled_out[key] == preset[key], key
