@@ -136,12 +136,13 @@ def resume_state(args, ckpt_path: str):
 def noisy_batch(x0: torch.Tensor, cond: torch.Tensor, sched: dict, drop_prob: float, gen=None):
     """What the network is trained on: x_t ~ q(x_t | x0) at a t drawn per sample from 1..T, and the condition with
     a per-sample coin for classifier-free dropout. x0 (B, C, S, S) in [-1, 1]; cond (B, 24) multi-hot.
-    Returns (x_t, cond with dropped rows zeroed, t / T, eps); gen: a generator of its own, or the global one."""
+    Returns (x_t, cond with dropped rows zeroed, integer t (B,), eps); gen: a generator of its own, or the global one.
+    The network is given t / T, in [0, 1]."""
     bs, T = x0.shape[0], len(sched["beta_t"]) - 1
     keep = (torch.rand(bs, device=x0.device, generator=gen) >= drop_prob).to(cond.dtype)
     t = torch.randint(1, T + 1, (bs,), device=x0.device, generator=gen)  # t = 1 is one noising step
     eps = torch.randn(x0.shape, device=x0.device, generator=gen)
-    return q_sample(x0, t, eps, sched), cond * keep[:, None], t.float() / T, eps  # the net sees t scaled to [0, 1]
+    return q_sample(x0, t, eps, sched), cond * keep[:, None], t, eps
 
 
 def diffusion_loss(model: torch.nn.Module, x0: torch.Tensor, cond: torch.Tensor, sched: dict, drop_prob: float,
@@ -153,10 +154,10 @@ def diffusion_loss(model: torch.nn.Module, x0: torch.Tensor, cond: torch.Tensor,
     if channels_last:
         x_t = x_t.contiguous(memory_format=torch.channels_last)
     with autocast(x0.device, precision):
-        eps_pred = model(x_t, c, t)
+        eps_pred = model(x_t, c, t.float() / (len(sched["beta_t"]) - 1))
     if not min_snr:
         return F.mse_loss(eps_pred.float(), eps)
-    alphabar = sched["alphabar_t"][(t * (len(sched["beta_t"]) - 1)).round().long()]
+    alphabar = sched["alphabar_t"][t]
     snr = alphabar / (1 - alphabar)
     per_sample = (eps_pred.float() - eps).square().mean(dim=(1, 2, 3))
     return (per_sample * snr.clamp(max=min_snr) / snr).mean()
@@ -175,7 +176,8 @@ def bn_batches(images: torch.Tensor, cond: torch.Tensor, sched: dict, drop_prob:
     gen = torch.Generator(images.device).manual_seed(seed)
     for _ in range(max(1, n_images // batch_size)):
         idx = torch.randint(len(images), (batch_size,), device=images.device, generator=gen)
-        yield noisy_batch(to_float(images[idx]), cond[idx], sched, drop_prob, gen)[:3]
+        x_t, c, t, _ = noisy_batch(to_float(images[idx]), cond[idx], sched, drop_prob, gen)
+        yield x_t, c, t.float() / (len(sched["beta_t"]) - 1)
 
 
 @torch.no_grad()
@@ -276,17 +278,15 @@ def shard(perm: torch.Tensor, batch: int, per_rank: int, rank: int, world: int) 
 def load_val(data_dir: str, out_dir: str, objects: dict):
     """The validation list: DATA_DIR/val.json (the synthetic set writes one), else 64 object sets drawn from
     train.json with a fixed seed and written to OUT_DIR/val.json (in-distribution: they are training sets)."""
-    path = os.path.join(data_dir, "val.json")
-    if not os.path.isfile(path):
-        path = os.path.join(out_dir, "val.json")
-        if not os.path.isfile(path):
-            exclude = [read_json(os.path.join(data_dir, f"{s}.json"), "condition list") for s in ("test", "new_test")
-                       if os.path.isfile(os.path.join(data_dir, f"{s}.json"))]
-            val = draw_val(list(read_json(os.path.join(data_dir, "train.json"), "train.json").values()), exclude)
-            with open(path + ".tmp", "w") as f:
-                json.dump(val, f)
-            os.replace(path + ".tmp", path)
-    return load_conditions(data_dir, path, objects)
+    path = os.path.join(out_dir, "val.json")
+    if not os.path.isfile(os.path.join(data_dir, "val.json")) and not os.path.isfile(path):
+        exclude = [read_json(os.path.join(data_dir, f"{s}.json"), "condition list") for s in ("test", "new_test")
+                   if os.path.isfile(os.path.join(data_dir, f"{s}.json"))]
+        val = draw_val(list(read_json(os.path.join(data_dir, "train.json"), "train.json").values()), exclude)
+        with open(path + ".tmp", "w") as f:
+            json.dump(val, f)
+        os.replace(path + ".tmp", path)
+    return load_conditions(data_dir, "val", objects, run_dir=out_dir)  # the same lookup sample.py makes
 
 
 def find_judge(args, data_dir: str, device: torch.device):
