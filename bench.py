@@ -24,8 +24,8 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dataset import HelpFormatter, load_train, make_batch, read_image
-from device import PRECISIONS, resolve_device, resolve_precision, resolve_switch, setup_backends
+from dataset import IMAGE_SIZE, POSITIVE_INT, SWITCH, Number, Parser, load_train, make_batch, read_image
+from device import DTYPES, PRECISIONS, resolve_device, resolve_precision, resolve_switch, setup_backends
 from model import ContextUnet, fold_batchnorm, save_checkpoint
 from sample import sample_images
 from schedule import ddpm_schedules
@@ -48,9 +48,11 @@ def timed(fn, device, repeat=1):
     return (time.perf_counter() - t0) / repeat
 
 
-def matmul_peak(device) -> float:
-    """FLOP/s of a large square matrix product in the precision training uses (bf16 on CUDA, float32 on CPU)."""
-    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (2048, torch.float32)
+def matmul_peak(device, precision: str = "fp32") -> float:
+    """FLOP/s of a large square matrix product in the given precision (bf16, fp16 or fp32 as each row runs; fp32
+    with TF32 off, as setup_backends leaves it for fp32): each row's share is of the peak it could reach."""
+    n = 8192 if device.type == "cuda" else 2048
+    dtype = DTYPES[precision] if device.type == "cuda" else torch.float32  # a CPU's half matmuls are not its peak
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     timed(lambda: a @ b, device)
     # the best of several timings: a peak, so a moment of contention from elsewhere does not lower the bar
@@ -88,14 +90,15 @@ class PngDataset(torch.utils.data.Dataset):
         return torch.from_numpy(read_image(self.files[i], self.size)).permute(2, 0, 1).float() / 127.5 - 1
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+def make_parser():
+    p = Parser(description=__doc__)
     p.add_argument("--data-dir", default="data/synthetic", help="i-CLEVR folder for the data-loading rows")
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--n-feat", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--T", type=int, default=400, help="DDPM steps for the sampling rows")
-    p.add_argument("--train-steps", type=int, default=20, help="timed training steps per mode")
+    p.add_argument("--image-size", type=IMAGE_SIZE, default=64)
+    p.add_argument("--n-feat", type=POSITIVE_INT, default=128)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=128)
+    p.add_argument("--T", type=Number(int, lo=50, what="an integer >= 50 (DDIM takes 50 steps)"), default=400,
+                   help="DDPM steps for the sampling rows")
+    p.add_argument("--train-steps", type=POSITIVE_INT, default=20, help="timed training steps per mode")
     p.add_argument("--quick", action="store_true", help="32px, n_feat 32, batch 32, T 100, few steps: about a minute on a CPU")
     p.add_argument("--no-sample", action="store_true", help="skip the sampling rows (the default model on a CPU "
                                                                "takes most of an hour to sample a split)")
@@ -103,9 +106,13 @@ def get_args(argv=None):
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="fast mode's precision (plain is fp32)")
     p.add_argument("--channels-last", default="auto", choices=["auto", "1", "0"], help="fast mode's layout (auto: on CUDA)")
     p.add_argument("--fused-adam", default="auto", choices=["auto", "1", "0"], help="fast mode's Adam (auto: on CUDA)")
-    p.add_argument("--compile", type=int, default=0, help="1: add a column with the training step torch.compiled")
+    p.add_argument("--compile", type=SWITCH, default=0, help="1: add a column with the training step torch.compiled")
     p.add_argument("--json", default=None, help="also write the figures here")
-    return p.parse_args(argv)
+    return p
+
+
+def get_args(argv=None):
+    return make_parser().parse_args(argv)
 
 
 def main(argv=None):
@@ -123,24 +130,27 @@ def run(args):
     model = ContextUnet(n_feat=args.n_feat, image_size=args.image_size)
     flops = counted_flops(model, args.image_size)
     train_flops = counted_flops(model, args.image_size, backward=True)
-    peak = matmul_peak(device)
+    setup_backends(device, "fp32")  # each row's peak in its own precision; fp32's with TF32 off, as that row runs
+    peaks = {p: matmul_peak(device, p) for p in dict.fromkeys([precision, "fp32"])}
+    peak = peaks[precision]
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or 'cpu'}, "
           f"{torch.get_num_threads()} threads); ContextUnet n_feat {args.n_feat}, {args.image_size}px; "
           f"{flops / 1e9:.3f} GFLOP per image forward, {train_flops / 1e9:.3f} forward + backward; "
-          f"matmul peak {peak / 1e12:.3f} TFLOP/s")
+          f"matmul peak " + ", ".join(f"{p} {v / 1e12:.3f}" for p, v in peaks.items()) + " TFLOP/s")
 
     sched = {k: v.to(device) for k, v in ddpm_schedules(T=args.T).items()}
     n_images = max(1024, 4 * args.batch_size)  # random uint8 images, gathered from the device as train.py does
     images = torch.randint(0, 256, (n_images, 3, args.image_size, args.image_size), dtype=torch.uint8, device=device)
     cond = (torch.rand(n_images, 24, device=device) < 0.08).float()
     hp = argparse.Namespace(n_feat=args.n_feat, image_size=args.image_size, lr=1e-4, hflip=1, drop_prob=0.1, ema_decay=0.999,
-                            cond_bottleneck=0, min_snr=0)
+                            cond_bottleneck=0, min_snr=0, lr_schedule="constant", warmup_steps=0, minutes=0)
     modes = {"fast": (precision, cl, fused, False), "plain": ("fp32", False, False, False)}
     if args.compile:
         modes["compiled"] = (precision, cl, fused, True)
     result = {}
     for mode, (prec, channels_last, fused_adam, compiled) in modes.items():
         setup_backends(device, prec)  # plain: fp32 is float32, TF32 off
+        peak = peaks[prec]  # the share of the peak in this row's own precision
         torch.manual_seed(0)
         r = make_trainer(hp, device, prec, channels_last, fused_adam, images, cond, sched)
         if compiled:
@@ -230,7 +240,7 @@ def run(args):
         with open(args.json, "w") as f:
             json.dump({"device": str(device), "args": vars(args), "gflop_per_image": flops / 1e9,
                        "train_gflop_per_image": train_flops / 1e9,
-                       "matmul_peak_tflops": peak / 1e12, **result}, f, indent=1)
+                       "matmul_peak_tflops": {p: v / 1e12 for p, v in peaks.items()}, **result}, f, indent=1)
 
 
 if __name__ == "__main__":

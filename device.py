@@ -15,14 +15,22 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def resolve_device(name: str) -> torch.device:
+    """'auto' is cuda where there is a GPU, else the CPU; ICLEVR_DEVICE=cpu (or cuda) overrides what 'auto' means, for
+    a shared GPU machine and for the test suite, which runs every test outside tests/test_cuda.py on the CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = os.environ.get("ICLEVR_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
     try:
         return torch.device(name)
     except RuntimeError:
         raise UserError(f"--device {name}: not a device name; use auto, cpu, cuda or cuda:N")
+
+
+def has_bf16(device: torch.device) -> bool:
+    """bf16 tensor cores: compute capability 8.0 (Ampere) or newer. Not torch.cuda.is_bf16_supported(), which also
+    counts emulation, and says True on a T4 or V100, where bf16 convolutions are slow or missing."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
@@ -32,8 +40,8 @@ def resolve_precision(name: str, device: torch.device) -> str:
     if name == "auto":
         if device.type != "cuda":
             return "fp32"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return "bf16" if has_bf16(device) else "fp16"
+    if name == "bf16" and device.type == "cuda" and not has_bf16(device):
         raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bf16; use fp16 or auto")
     return name
 
@@ -59,10 +67,10 @@ def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
 
 
 def setup_backends(device: torch.device, precision: str, deterministic: bool = False) -> None:
-    deterministic = bool(deterministic)
     """fp32 means float32: TF32 (10-bit mantissa, on by default for cuDNN convolutions) is switched off with it.
     Shapes are fixed in training and sampling, so cuDNN may benchmark its kernels once; with deterministic, it
     must not, and every op must pick a deterministic kernel (bit-exact resumes on CUDA, at some speed)."""
+    deterministic = bool(deterministic)
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
     torch.backends.cudnn.benchmark = device.type == "cuda" and not deterministic
     torch.backends.cudnn.deterministic = deterministic

@@ -8,7 +8,6 @@ Reads OUT/samples/<split>/<i>.png and OUT/samples/<split>.json, and the classifi
 DATA_DIR/checkpoint.pth). On the synthetic set the classifier is this project's own, trained on it (trained here
 first if missing); on the course's data, put the course's checkpoint.pth in the data folder or pass --classifier.
 """
-import argparse
 import json
 import os
 import time
@@ -16,10 +15,9 @@ from collections import Counter
 
 import torch
 
-from dataset import HelpFormatter, run_cli, COLORS, SHAPES, UserError, encode, load_objects, read_json, read_image, to_float
+from dataset import POSITIVE_INT, Numbers, Parser, run_cli, COLORS, SHAPES, UserError, encode, load_objects, read_json, read_image, to_float
 from device import resolve_device
-from evaluator import (evaluation_model, frechet_distance, load_truth, make_parser as classifier_parser, topk_hits,
-                       train_classifier)
+from evaluator import ensure_classifier, evaluation_model, frechet_distance, load_truth, topk_hits
 
 
 def load_samples(samples_dir: str, split: str, objects: dict):
@@ -84,8 +82,7 @@ def truth_features(judge, data_dir: str, split: str, objects: dict):
 def sweep(args, judge, data_dir, objects, names, splits) -> None:
     """Sample every split for each w and seed with identical noise, score each draw, print one table."""
     import sample
-    ws = [float(w) for w in args.sweep.split(",")]
-    seeds = [int(s) for s in args.seeds.split(",")]
+    ws, seeds = args.sweep, args.seeds  # lists, checked by the parser
     truth = {s: truth_features(judge, data_dir, s, objects) for s in splits}
     tag = f"ddim{args.steps}" if args.sampler == "ddim" else "ddpm"  # a DDPM sweep does not overwrite a DDIM one
     table = []
@@ -164,21 +161,27 @@ def plot_curves(run_dir: str, width: int = 720, height: int = 400) -> str:
     return out
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+def make_parser():
+    p = Parser(description=__doc__)
     p.add_argument("--split", default="both", help="test, new_test, both, val, or the name of any sampled split")
     p.add_argument("--samples-dir", default=None, help="what sample.py wrote (default: the checkpoint's folder/samples)")
     p.add_argument("--ckpt", default="out/ckpt.pt", help="the generator's checkpoint, read only to find its data folder")
     p.add_argument("--data-dir", default=None, help="folder with objects.json (default: the checkpoint's)")
     p.add_argument("--classifier", default=None, help="classifier weights (default: DATA_DIR/checkpoint.pth)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--sweep", default=None, help="comma-separated guidance weights: sample and score each (e.g. 0,0.5,1,2)")
-    p.add_argument("--seeds", default="0,1,2", help="with --sweep: noise seeds, the same for every w")
+    p.add_argument("--sweep", type=Numbers(float, lo=0, what="a guidance weight >= 0"), default=None,
+                   help="comma-separated guidance weights: sample and score each (e.g. 0,0.5,1,2)")
+    p.add_argument("--seeds", type=Numbers(int, lo=0, what="a seed >= 0"), default=[0, 1, 2],
+                   help="with --sweep: comma-separated noise seeds, the same for every w (default: 0,1,2)")
     p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim"], help="with --sweep: the sampler")
-    p.add_argument("--steps", type=int, default=50, help="with --sweep: DDIM steps")
+    p.add_argument("--steps", type=POSITIVE_INT, default=50, help="with --sweep: DDIM steps")
     p.add_argument("--curves", default=None, metavar="RUN_DIR", help="draw RUN_DIR/curves.png from its metrics.jsonl "
                                                                      "(loss and validation accuracy) and stop")
-    return p.parse_args(argv)
+    return p
+
+
+def get_args(argv=None):
+    return make_parser().parse_args(argv)
 
 
 def find_data_dir(args) -> str:
@@ -198,12 +201,7 @@ def run(args) -> dict:
     device = resolve_device(args.device)
     args.samples_dir = args.samples_dir or os.path.join(os.path.dirname(args.ckpt) or ".", "samples")
     data_dir = find_data_dir(args)
-    classifier = args.classifier or os.path.join(data_dir, "checkpoint.pth")
-    # a missing classifier is trained only for the synthetic set, and only at its default place
-    if not args.classifier and not os.path.isfile(classifier) and os.path.isfile(os.path.join(data_dir, "synthetic.json")):
-        print(f"no classifier at {classifier}: the data is synthetic, so training one on it first")
-        train_classifier(classifier_parser().parse_args(
-            ["--train", "--data-dir", data_dir, "--out", classifier, "--device", args.device]))
+    classifier = ensure_classifier(data_dir, args.classifier, args.device)  # trained first on the synthetic set if missing
     judge = evaluation_model(classifier, device)
     objects = load_objects(data_dir)
     names = sorted(objects, key=objects.get)

@@ -7,7 +7,6 @@ the hits are how many of the classifier's k highest outputs are true; accuracy =
 `python evaluator.py --train --data-dir DIR` trains the same architecture on a data folder (our synthetic set, where
 the course's weights cannot be used) and saves it in the course's format {'model': state_dict}.
 """
-import argparse
 import os
 import time
 
@@ -15,7 +14,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from dataset import HelpFormatter, run_cli, N_CLASSES, UserError, load_conditions, load_objects, load_train, read_image, to_float
+from dataset import COUNT, POSITIVE, POSITIVE_INT, Number, Parser, run_cli, N_CLASSES, UserError, load_conditions, load_objects, load_train, read_image, to_float
 from device import autocast, resolve_device, resolve_precision
 
 
@@ -193,17 +192,31 @@ def train_classifier(args) -> None:
     print(f"saved {args.out} after {args.epochs} epochs in {minutes:.1f} min on {device}")
 
 
+def ensure_classifier(data_dir: str, classifier: str = None, device: str = "auto") -> str:
+    """The judge's weights: `classifier` if given, else DATA_DIR/checkpoint.pth. On the synthetic set a missing one
+    is trained there first (once); for the course's data only the course's weights are the judge, so none is made
+    up. Returns the path, which exists unless the course's weights are missing."""
+    path = classifier or os.path.join(data_dir, "checkpoint.pth")
+    if classifier or os.path.isfile(path) or not os.path.isfile(os.path.join(data_dir, "synthetic.json")):
+        return path
+    print(f"no classifier at {path}: the data is synthetic, so training one there first (once: about 20 minutes on "
+          f"2 CPU cores, a minute or two on a GPU)")
+    train_classifier(make_parser().parse_args(["--train", "--data-dir", data_dir, "--out", path, "--device", device]))
+    return path
+
+
 def make_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--train", action="store_true", help="train the classifier on --data-dir and save it")
     p.add_argument("--data-dir", default="data/synthetic", help="i-CLEVR layout folder to train on")
     p.add_argument("--image-dir", default=None, help="image folder (default: DATA_DIR/iclevr)")
     p.add_argument("--out", default=None, help="where to save the weights (default: DATA_DIR/checkpoint.pth)")
-    p.add_argument("--epochs", type=int, default=12, help="training epochs")
-    p.add_argument("--batch-size", type=int, default=128, help="batch size")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (one-cycle)")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="fraction of scenes held out for validation")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--epochs", type=POSITIVE_INT, default=12, help="training epochs")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=128, help="batch size")
+    p.add_argument("--lr", type=POSITIVE, default=2e-3, help="peak learning rate (one-cycle)")
+    p.add_argument("--val-fraction", type=Number(float, 0, 1, lo_open=True, hi_open=True, what="a fraction in (0, 1)"),
+                   default=0.05, help="fraction of scenes held out for validation")
+    p.add_argument("--seed", type=COUNT, default=0, help="random seed")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     return p
 

@@ -7,7 +7,6 @@ Guidance: eps = (1 + w) * eps(x, c) - w * eps(x, null); w = 0 is plain condition
 OUT/<split>/<i>.png (64x64), OUT/<split>_grid.png (8 per row), OUT/<split>.json (the conditions, for evaluate.py)
 and OUT/denoise_strip.png (noise to image for red sphere, cyan cylinder, cyan cube).
 """
-import argparse
 import json
 import os
 import time
@@ -18,7 +17,8 @@ import torchvision
 from PIL import Image
 from tqdm import tqdm
 
-from dataset import HelpFormatter, ensure_writable, run_cli, STRIP_CONDITION, UserError, encode, load_conditions, load_objects, to_uint8
+from dataset import (COUNT, POSITIVE_INT, STRIP_CONDITION, Number, Parser, UserError, encode, ensure_writable,
+                     load_conditions, load_objects, run_cli, to_uint8)
 from device import PRECISIONS, autocast, resolve_device, resolve_precision, setup_backends
 from model import ContextUnet, fold_batchnorm
 from schedule import ddim_step, ddpm_schedules, ddpm_step, guided_eps, timesteps
@@ -30,16 +30,18 @@ def sample_images(model: ContextUnet, cond: torch.Tensor, sched: dict, w: float 
                   precision: str = "auto", clip_x0: bool = False, progress: bool = False):
     """Draw one image per row of cond (N, 24). Returns x0 (N, 3, S, S) in [-1, 1] and, if n_frames > 0, that many
     snapshots of x_t from pure noise to the result. The noise comes from its own generator seeded with `seed`, so
-    the output does not depend on what else ran before."""
+    the output does not depend on what else ran before; the same seed gives the same x_T on every device."""
     device = next(model.parameters()).device
     T = len(sched["beta_t"]) - 1
     sched = {k: v.to(device) for k, v in sched.items()}
     size = model.config["image_size"]
-    gen = torch.Generator(device).manual_seed(seed)
+    gen = torch.Generator(device).manual_seed(seed)  # DDPM's per-step noise, drawn where the model runs
+    # x_T always comes from a CPU generator, so DDIM (deterministic after x_T) gives the same images on any device
+    start = gen if device.type == "cpu" else torch.Generator().manual_seed(seed)
     n = cond.shape[0]
     cond = cond.to(device)
     null = torch.zeros_like(cond)  # all zeros is "no condition", as in training
-    x_t = torch.randn(n, model.config["in_channels"], size, size, generator=gen, device=device)
+    x_t = torch.randn(n, model.config["in_channels"], size, size, generator=start).to(device)
     ts = timesteps(T, sampler, steps)
     record = {round(i * (len(ts) - 1) / (n_frames - 1)) for i in range(n_frames)} if n_frames > 1 else set()
     frames = [x_t.float().cpu()] if 0 in record else []
@@ -97,29 +99,32 @@ def load_model(ckpt_path: str, device: torch.device, use_ema: bool = True):
     return model, ckpt
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+def make_parser():
+    p = Parser(description=__doc__)
     p.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint written by train.py")
     p.add_argument("--out-dir", default=None, help="where images go (default: the checkpoint's folder/samples)")
     p.add_argument("--data-dir", default=None, help="folder with objects.json and the split files "
                                                     "(default: the one the checkpoint was trained on)")
     p.add_argument("--split", default="both", help="test, new_test, both, or val (to choose w and the checkpoint)")
     p.add_argument("--conditions", default=None, help="a JSON file of condition lists to sample instead of a split")
-    p.add_argument("--w", type=float, default=0.5, help="guidance weight: eps = (1+w) eps_c - w eps_null; 0 = none")
+    p.add_argument("--w", type=Number(float, lo=0, what="a guidance weight >= 0 (0 is plain conditional sampling)"),
+                   default=0.5, help="guidance weight: eps = (1+w) eps_c - w eps_null; 0 = none")
     p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="ancestral DDPM or deterministic DDIM")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (DDPM always takes all T steps)")
+    p.add_argument("--steps", type=POSITIVE_INT, default=50, help="DDIM steps, at most T (DDPM always takes all T steps)")
     p.add_argument("--clip-x0", action="store_true", help="DDPM: the posterior mean around the x0 prediction clipped to "
                                                           "[-1, 1] (DDIM always clips)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed; same seed, same images")
+    p.add_argument("--seed", type=COUNT, default=0, help="noise seed; same seed, same images")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of their moving average")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: bf16 or fp16 on a GPU, fp32 on CPU")
-    return p.parse_args(argv)
+    return p
+
+
+def get_args(argv=None):
+    return make_parser().parse_args(argv)
 
 
 def run(args) -> None:
-    if args.w < 0:
-        raise UserError(f"--w {args.w}: the guidance weight must be >= 0 (0 is plain conditional sampling)")
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     setup_backends(device, precision)
@@ -138,6 +143,9 @@ def run(args) -> None:
     else:
         raise UserError(f"--split {args.split}: no such split; use test, new_test, both or val (or --conditions FILE)")
     sched = ddpm_schedules(cfg["beta1"], cfg["beta2"], cfg["T"], cfg["schedule"])
+    if args.sampler == "ddim" and args.steps > cfg["T"]:
+        print(f"note: --steps {args.steps} is more than the checkpoint's T = {cfg['T']}: DDIM takes {cfg['T']} steps")
+        args.steps = cfg["T"]
     how = f"{args.sampler}" + (f" {args.steps} steps" if args.sampler == "ddim" else f" {cfg['T']} steps")
     how += ", x0 clipped" if args.clip_x0 and args.sampler == "ddpm" else ""
     print(f"sampling with {'EMA' if not args.no_ema else 'raw'} weights of {args.ckpt} (epoch {ckpt['epoch']}), "

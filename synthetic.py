@@ -12,7 +12,6 @@ Writes objects.json, train.json, test.json, new_test.json (object sets never in 
 like test's, none shared with test or new_test), iclevr/*.png, truth/{test,new_test,val}/<i>.png (ground-truth
 renders of the lists), contact_sheet.png and synthetic.json.
 """
-import argparse
 import json
 import os
 import time
@@ -22,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from dataset import HelpFormatter, draw_val, object_names
+from dataset import COUNT, POSITIVE_INT, Parser, draw_val, object_names
 
 RGB = {"gray": (87, 87, 87), "red": (173, 35, 35), "blue": (42, 75, 215), "green": (29, 105, 20),
        "brown": (129, 74, 25), "purple": (129, 38, 192), "cyan": (41, 208, 208), "yellow": (255, 238, 51)}
@@ -371,14 +370,18 @@ def add_val(out_dir: str, seed: int = 0, workers: int = None, truth_per_conditio
     return len(jobs)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+def make_parser():
+    p = Parser(description=__doc__)
     p.add_argument("--out", default="data/synthetic", help="output folder")
-    p.add_argument("--scenes", type=int, default=6003, help="scenes; each gives 3 images as in the real set")
-    p.add_argument("--seed", type=int, default=0, help="same seed, same images")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--scenes", type=POSITIVE_INT, default=6003, help="scenes; each gives 3 images as in the real set")
+    p.add_argument("--seed", type=COUNT, default=0, help="same seed, same images")
+    p.add_argument("--workers", type=POSITIVE_INT, default=None, help="processes (default: all cores)")
     p.add_argument("--val-only", action="store_true", help="add val.json and its renders to an existing folder")
-    args = p.parse_args()
+    return p
+
+
+def main():
+    args = make_parser().parse_args()
     if args.val_only:
         print(f"val.json and {add_val(args.out, args.seed, args.workers)} ground-truth renders added to {args.out}")
     else:

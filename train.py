@@ -9,6 +9,7 @@ condition dropped with probability 0.1 per sample, batch 128, Adam lr 1e-4, 300 
 """
 import argparse
 import copy
+import datetime
 import json
 import math
 import os
@@ -23,11 +24,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from dataset import (HelpFormatter, ensure_writable, run_cli, UserError, draw_val, load_conditions, load_objects, load_train,
-                     make_batch, read_json, to_float)
+from dataset import (COUNT, IMAGE_SIZE, POSITIVE, POSITIVE_INT, PROBABILITY, SWITCH, Number, Parser, UserError, draw_val,
+                     ensure_writable, load_conditions, load_objects, load_train, make_batch, read_json, run_cli, to_float)
 from device import PRECISIONS, autocast, grad_scaler, resolve_device, resolve_precision, resolve_switch, setup_backends
 from evaluate import plot_curves
-from evaluator import evaluation_model
+from evaluator import ensure_classifier, evaluation_model
 from model import ContextUnet, count_params, save_checkpoint
 from sample import sample_images, save_grid, to_64
 from schedule import ddpm_schedules, q_sample
@@ -35,6 +36,9 @@ from schedule import ddpm_schedules, q_sample
 DEFAULT_DATA_DIR = "data/synthetic"
 # settings that change the network or the noise process: a checkpoint is only valid with the same ones
 MODEL_KEYS = ("image_size", "n_feat", "T", "beta1", "beta2", "schedule", "cond_bottleneck")
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)  # torch's default for a collective of the training steps
+PREPARE_TIMEOUT = datetime.timedelta(hours=3)  # the other ranks' wait while rank 0 renders, decodes, trains the judge
+BETA = Number(float, 0, 1, lo_open=True, hi_open=True, what="a noise variance in (0, 1)")
 PRESETS = {
     # A CPU has few optimizer steps to spend, so the preset buys steps (32x32 images, width 16, batches of 16, lr 1e-3)
     # and spends them where the condition is decided: Min-SNR with g = 1 takes the weight off the nearly clean steps,
@@ -44,48 +48,54 @@ PRESETS = {
                 epochs=1000, eval_every=5, sample_every=5),
 }
 
+PRESET_SAMPLING = {"cpu": "--w 4"}  # the README's sampling command for each preset (w chosen on val)
+
 
 def make_parser(with_defaults: bool = True):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
-                                argument_default=None if with_defaults else argparse.SUPPRESS)
+    p = Parser(description=__doc__, argument_default=None if with_defaults else argparse.SUPPRESS)
     d = (lambda v: v) if with_defaults else (lambda v: argparse.SUPPRESS)
     p.add_argument("--data-dir", default=d(None), help=f"i-CLEVR folder (default: {DEFAULT_DATA_DIR}, rendered if absent)")
     p.add_argument("--image-dir", default=d(None), help="training PNGs (default: DATA_DIR/iclevr)")
     p.add_argument("--out-dir", default=d("out"), help="checkpoint, metrics log and progress grids")
     p.add_argument("--preset", default=d(None), choices=list(PRESETS), help="a bundle of defaults (explicit flags win)")
-    p.add_argument("--epochs", type=int, default=d(300), help="total epochs to train")
-    p.add_argument("--batch-size", type=int, default=d(128), help="images per optimizer step, global: under torchrun "
-                                                                  "each of N processes takes batch-size / N")
-    p.add_argument("--lr", type=float, default=d(1e-4), help="Adam learning rate")
-    p.add_argument("--image-size", type=int, default=d(64), help="training resolution, divisible by 4")
-    p.add_argument("--n-feat", type=int, default=d(128), help="ContextUnet base width")
-    p.add_argument("--T", type=int, default=d(400), help="diffusion steps")
-    p.add_argument("--beta1", type=float, default=d(1e-4), help="first beta of the schedule")
-    p.add_argument("--beta2", type=float, default=d(0.02), help="last beta of the schedule")
+    p.add_argument("--epochs", type=POSITIVE_INT, default=d(300), help="total epochs to train")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=d(128), help="images per optimizer step, global: under "
+                                                                          "torchrun each of N processes takes batch-size / N")
+    p.add_argument("--lr", type=POSITIVE, default=d(1e-4), help="Adam learning rate")
+    p.add_argument("--lr-schedule", default=d("constant"), choices=["constant", "cosine"],
+                   help="constant (report C), or cosine: from --lr to 0 over --minutes where set, else over --epochs")
+    p.add_argument("--warmup-steps", type=COUNT, default=d(0), help="steps of linear learning-rate warm-up")
+    p.add_argument("--image-size", type=IMAGE_SIZE, default=d(64), help="training resolution, divisible by 4")
+    p.add_argument("--n-feat", type=POSITIVE_INT, default=d(128), help="ContextUnet base width")
+    p.add_argument("--T", type=Number(int, lo=2, what="an integer >= 2"), default=d(400), help="diffusion steps")
+    p.add_argument("--beta1", type=BETA, default=d(1e-4), help="first beta of the schedule (below --beta2)")
+    p.add_argument("--beta2", type=BETA, default=d(0.02), help="last beta of the schedule")
     p.add_argument("--schedule", default=d("linear"), choices=["linear", "cosine"], help="noise schedule")
-    p.add_argument("--cond-bottleneck", type=int, default=d(0), help="1: the condition also multiplies the bottleneck "
-                                                                     "vector (c_e * h + t_e there too)")
-    p.add_argument("--min-snr", type=float, default=d(0), help="Min-SNR loss weighting min(SNR, g) / SNR with this g "
-                                                               "(5 in the paper); 0: plain MSE, as report C")
-    p.add_argument("--drop-prob", type=float, default=d(0.1), help="probability of dropping a sample's condition")
-    p.add_argument("--ema-decay", type=float, default=d(0.999), help="EMA decay of the weights used for sampling")
-    p.add_argument("--hflip", type=int, default=d(1), help="1: random horizontal flips (labels are sets of objects)")
-    p.add_argument("--sample-every", type=int, default=d(25), help="epochs between progress grids of the validation "
-                                                                   "list (0: never)")
-    p.add_argument("--seed", type=int, default=d(42), help="random seed")
-    p.add_argument("--minutes", type=float, default=d(0), help="stop after this many minutes of training (at a step "
-                                                                 "boundary), save, print the resume command; 0: no limit")
-    p.add_argument("--eval-every", type=int, default=d(None), help="epochs between validation scores and best.pt "
-                                                                   "(default: 10 on a GPU, 0 = never on a CPU)")
-    p.add_argument("--classifier", default=d(None), help="judge for validation (default: DATA_DIR/checkpoint.pth)")
+    p.add_argument("--cond-bottleneck", type=SWITCH, default=d(0), help="1: the condition also multiplies the "
+                                                                        "bottleneck vector (c_e * h + t_e there too)")
+    p.add_argument("--min-snr", type=Number(float, lo=0), default=d(0), help="Min-SNR loss weighting min(SNR, g) / SNR "
+                                                                            "with this g (5 in the paper); 0: plain MSE, as report C")
+    p.add_argument("--drop-prob", type=PROBABILITY, default=d(0.1), help="probability of dropping a sample's condition")
+    p.add_argument("--ema-decay", type=Number(float, 0, 1, hi_open=True, what="a decay in [0, 1)"), default=d(0.999),
+                   help="EMA decay of the weights used for sampling")
+    p.add_argument("--hflip", type=SWITCH, default=d(1), help="1: random horizontal flips (labels are sets of objects)")
+    p.add_argument("--sample-every", type=COUNT, default=d(25), help="epochs between progress grids of the validation "
+                                                                     "list (0: never)")
+    p.add_argument("--seed", type=COUNT, default=d(42), help="random seed")
+    p.add_argument("--minutes", type=Number(float, lo=0), default=d(0), help="stop after this many minutes of training "
+                                                                             "(at a step boundary), save, print the next command; 0: no limit")
+    p.add_argument("--eval-every", type=COUNT, default=d(None), help="epochs between validation scores and best.pt "
+                                                                     "(default: 10 on a GPU, 0 = never on a CPU)")
+    p.add_argument("--classifier", default=d(None), help="judge for validation (default: DATA_DIR/checkpoint.pth; on the "
+                                                         "synthetic set trained there first if missing)")
     p.add_argument("--device", default=d("auto"), help="auto, cpu or cuda")
     p.add_argument("--precision", default=d("auto"), choices=PRECISIONS,
                    help="auto: bf16 on GPUs that have it, fp16 + gradient scaling on older GPUs, fp32 on CPU")
     p.add_argument("--channels-last", default=d("auto"), choices=["auto", "1", "0"], help="NHWC memory layout (auto: on CUDA)")
     p.add_argument("--fused-adam", default=d("auto"), choices=["auto", "1", "0"], help="one fused Adam kernel (auto: on CUDA)")
-    p.add_argument("--compile", type=int, default=d(0), help="1: torch.compile the network (slower start, faster steps)")
-    p.add_argument("--deterministic", type=int, default=d(0), help="1: deterministic kernels only, for bit-exact "
-                                                                  "resumes on CUDA (slower)")
+    p.add_argument("--compile", type=SWITCH, default=d(0), help="1: torch.compile the network (slower start, faster steps)")
+    p.add_argument("--deterministic", type=SWITCH, default=d(0), help="1: deterministic kernels only, for bit-exact "
+                                                                      "resumes on CUDA (slower)")
     p.add_argument("--resume", action="store_true", default=d(False), help="continue from OUT_DIR/ckpt.pt")
     return p
 
@@ -98,6 +108,8 @@ def get_args(argv=None):
             if k not in explicit:
                 setattr(args, k, v)
     args.explicit = sorted(explicit)
+    if args.beta1 >= args.beta2:
+        make_parser().error(f"--beta1 {args.beta1:g}: must be below --beta2 {args.beta2:g} (the betas rise with t)")
     return args
 
 
@@ -110,7 +122,8 @@ def prepare_data(args) -> str:
         return args.data_dir
     if not os.path.isfile(os.path.join(DEFAULT_DATA_DIR, "train.json")):
         import synthetic
-        print(f"no --data-dir given and no data at {DEFAULT_DATA_DIR}: rendering the synthetic i-CLEVR set there (once)")
+        print(f"no --data-dir given and no data at {DEFAULT_DATA_DIR}: rendering the synthetic i-CLEVR set there "
+              f"(once: about 6 minutes on 2 CPU cores)")
         synthetic.render_dataset(DEFAULT_DATA_DIR)
     return DEFAULT_DATA_DIR
 
@@ -209,16 +222,27 @@ def match_optimizer_layout(opt: torch.optim.Optimizer) -> None:
                     opt.state[p][k] = torch.empty_like(p).copy_(v)  # empty_like keeps p's memory format
 
 
-def agree(loss: torch.Tensor, stop: bool, world: int):
+def agree(loss: torch.Tensor, stop: bool, world: int, clock: float = 0.0):
     """The one host sync of a step. Under torchrun every rank learns the mean loss, whether any rank's loss is not
-    finite, and whether any rank must stop (a signal, the time budget): all ranks act on the same step, and none is
-    left waiting in a collective. Returns (mean loss, or nan/inf if any rank's is not finite; stop)."""
-    v = torch.stack([loss.detach().float(), (~torch.isfinite(loss.detach())).float(),
-                     torch.tensor(float(stop), device=loss.device)])
+    finite, whether any rank must stop (a signal, the time budget), and rank 0's clock (the others pass 0), which a
+    time-budgeted learning rate follows: all ranks act alike on the same step, and none is left waiting in a
+    collective. Returns (mean loss, or nan/inf if any rank's is not finite; stop; rank 0's clock)."""
+    v = torch.tensor([0.0, 0.0, float(stop), clock], device=loss.device)
+    v[:2] = torch.stack([loss.detach().float(), (~torch.isfinite(loss.detach())).float()])
     if dist.is_initialized():
         dist.all_reduce(v)  # sums: any rank's flag makes the sum positive
-    loss_sum, not_finite, stops = v.tolist()
-    return (loss_sum / world if not not_finite else float("nan")), stops > 0
+    loss_sum, not_finite, stops, clock = v.tolist()
+    return (loss_sum / world if not not_finite else float("nan")), stops > 0, clock
+
+
+def learning_rate(r, step: int, clock: float) -> float:
+    """This step's lr: constant (report C), or a cosine from --lr down to 0 over the run (over --minutes of this
+    invocation's clock where a time budget is set, else over its epochs), after --warmup-steps of linear warm-up."""
+    lr = r.lr * min(1.0, (step + 1) / r.warmup_steps) if r.warmup_steps else r.lr
+    if r.lr_schedule == "cosine":
+        progress = clock / (60 * r.minutes) if r.minutes else step / r.total_steps
+        lr *= 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return lr
 
 
 def make_trainer(args, device: torch.device, precision: str, channels_last: bool, fused: bool, images: torch.Tensor,
@@ -232,19 +256,22 @@ def make_trainer(args, device: torch.device, precision: str, channels_last: bool
     return SimpleNamespace(net=model, model=model, ema=ema, opt=torch.optim.Adam(model.parameters(), lr=args.lr, fused=fused),
                            scaler=grad_scaler(device, precision), images=images, cond=cond, sched=sched,
                            hflip=args.hflip, drop_prob=args.drop_prob, ema_decay=args.ema_decay, precision=precision,
-                           channels_last=channels_last, min_snr=args.min_snr, world=1)
+                           channels_last=channels_last, min_snr=args.min_snr, lr=args.lr, lr_schedule=args.lr_schedule,
+                           warmup_steps=args.warmup_steps, minutes=args.minutes, total_steps=None, world=1, rank=0)
 
 
-def train_step(r, idx: torch.Tensor, step: int, stop: bool):
+def train_step(r, idx: torch.Tensor, step: int, stop: bool, clock: float = 0.0):
     """One optimizer step as train.py runs it (bench.py times this same function): gather this rank's batch, the
     loss, the agreement between ranks, backward (scaled in fp16), Adam, EMA. No weight moves when any rank's loss
     is not finite; a step the fp16 scaler skips (inf gradients) is not that: the scaler lowers its scale and goes on.
-    Returns (mean loss over ranks, whether to stop after this step)."""
+    clock: seconds since training started (rank 0's counts). Returns (mean loss over ranks, whether to stop now)."""
     x0 = make_batch(r.images, idx, r.hflip)  # (B, 3, S, S) in [-1, 1]
     loss = diffusion_loss(r.net, x0, r.cond[idx], r.sched, r.drop_prob, r.precision, r.channels_last, r.min_snr)
-    loss_value, stop = agree(loss, stop, r.world)
+    loss_value, stop, clock = agree(loss, stop, r.world, clock if r.rank == 0 else 0.0)
     if not math.isfinite(loss_value):
         return loss_value, stop
+    for group in r.opt.param_groups:
+        group["lr"] = learning_rate(r, step, clock)
     r.opt.zero_grad(set_to_none=True)
     r.scaler.scale(loss).backward()
     r.scaler.step(r.opt)
@@ -255,17 +282,19 @@ def train_step(r, idx: torch.Tensor, step: int, stop: bool):
 
 def setup_distributed(device_name: str):
     """Under torchrun (RANK is set, even with one process): join the process group and pick this rank's device.
-    Returns (rank, world_size, device); plain `python train.py` is rank 0 of 1 and touches nothing."""
+    Returns (rank, world_size, device, prep_group); plain `python train.py` is rank 0 of 1 and touches nothing.
+    prep_group: a gloo group with a long timeout, for the wait while rank 0 prepares the data (the default group's
+    10 minutes is too short for a first run that renders the set and trains the judge on a slow host)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if "RANK" not in os.environ:
-        return 0, 1, resolve_device(device_name)
+        return 0, 1, resolve_device(device_name), None
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
+    return rank, world, device, dist.new_group(backend="gloo", timeout=PREPARE_TIMEOUT)
 
 
 def shard(perm: torch.Tensor, batch: int, per_rank: int, rank: int, world: int) -> torch.Tensor:
@@ -290,19 +319,129 @@ def load_val(data_dir: str, out_dir: str, objects: dict):
 
 
 def find_judge(args, data_dir: str, device: torch.device):
-    """The classifier that scores the validation list: --classifier, else DATA_DIR/checkpoint.pth; None if absent."""
-    path = args.classifier or os.path.join(data_dir, "checkpoint.pth")
+    """The classifier that scores the validation list: --classifier, else DATA_DIR/checkpoint.pth, trained there
+    first on the synthetic set if it is missing (selection on val needs a judge); None if there is none."""
+    path = ensure_classifier(data_dir, args.classifier, str(device))
     if not os.path.isfile(path):
         print(f"note: no classifier at {path}: validation accuracy is not measured and best.pt not kept "
-              f"(python evaluator.py --train, or pass --classifier)")
+              f"(put the course's checkpoint.pth there, or pass --classifier)")
         return None
     return evaluation_model(path, device)
+
+
+def prepare(args, rank: int, device: torch.device, prep_group, eval_every: int):
+    """Rank 0 renders the synthetic set if needed, fills the decode cache, writes the validation list and finds (or
+    trains) the judge, while the other ranks wait; then every rank loads the set (from the cache).
+    Returns the device-resident images (N, 3, S, S) uint8 and conditions (N, 24), val_cond (V, 24) and the judge."""
+    loaded, val_cond, judge = None, None, None
+    if rank == 0:
+        args.data_dir = prepare_data(args)
+        loaded = load_train(args.data_dir, args.image_dir, args.image_size)  # decodes the PNGs once, into the cache
+        _, val_cond = load_val(args.data_dir, args.out_dir, load_objects(args.data_dir))
+        judge = find_judge(args, args.data_dir, device) if eval_every and eval_every <= args.epochs else None
+    if prep_group is not None:
+        dist.barrier(group=prep_group)
+        args.data_dir = args.data_dir or DEFAULT_DATA_DIR
+    images, cond = loaded or load_train(args.data_dir, args.image_dir, args.image_size)  # the other ranks: the cache
+    return images.to(device), cond.to(device), val_cond, judge  # the whole set on the device: no loader, no decode
 
 
 def validate(ema: ContextUnet, val_cond: torch.Tensor, sched: dict, judge, precision: str) -> float:
     """Top-k accuracy of the EMA network's samples of the validation list: DDIM 50, w 0.5, seed 0, one per condition."""
     x0, _ = sample_images(ema, val_cond, sched, w=0.5, sampler="ddim", steps=50, seed=0, precision=precision)
     return judge.eval(to_64(x0), val_cond)
+
+
+def restore(r: SimpleNamespace, ckpt: dict) -> None:
+    """Continue where the checkpoint stopped: weights, EMA, Adam, the scaler, the position in the epoch and every RNG.
+    Adam keeps the flavour this run resolved (fused or not): load_state_dict would bring back the saved run's."""
+    r.model.load_state_dict(ckpt["model"])
+    r.ema.load_state_dict(ckpt["ema"])
+    flavour = [{k: g[k] for k in ("fused", "foreach", "capturable", "differentiable") if k in g} for g in r.opt.param_groups]
+    r.opt.load_state_dict({**ckpt["optimizer"], "param_groups": [{**saved, **now} for saved, now in
+                                                                 zip(ckpt["optimizer"]["param_groups"], flavour)]})
+    match_optimizer_layout(r.opt)
+    if ckpt.get("scaler") and r.scaler.is_enabled():
+        r.scaler.load_state_dict(ckpt["scaler"])
+    r.epoch, r.batch, r.step, r.best_val = ckpt["epoch"], ckpt["batch"], ckpt["step"], ckpt.get("best_val")
+    r.perm = None if ckpt["perm"] is None else ckpt["perm"].to(r.images.device)
+    r.data_gen.set_state(ckpt["rng"]["data"])
+    if len(ckpt["rng"]["ranks"]) == r.world:  # each rank's own noise stream (reseeded if the world size changed)
+        own = ckpt["rng"]["ranks"][r.rank]
+        torch.set_rng_state(own["cpu"])
+        if r.images.device.type == "cuda" and own["cuda"] is not None:
+            torch.cuda.set_rng_state(own["cuda"])
+
+
+def checkpoint(r: SimpleNamespace, evaluate: bool = False):
+    """Save r's state at its position (r.epoch, r.batch, r.step, r.perm): every rank's RNG, the EMA's own BatchNorm
+    statistics, the validation score (with evaluate), then an atomic write; best.pt too when val is the best so far.
+    Every rank calls it; returns the validation accuracy (None if not measured) on rank 0."""
+    device = r.images.device
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    ranks = [None] * r.world
+    if dist.is_initialized():
+        dist.all_gather_object(ranks, rng)  # every rank's RNG, so a resume continues each stream exactly
+    else:
+        ranks = [rng]
+    if r.rank != 0:
+        return None
+    refresh_bn_stats(r.ema, bn_batches(r.images, r.cond, r.sched, r.drop_prob, r.seed + r.step, min(1024, len(r.images)),
+                                       r.bs * r.world), r.precision, r.channels_last)
+    val_acc = validate(r.ema, r.val_cond, r.sched, r.judge, r.precision) if evaluate and r.judge else None
+    is_best = val_acc is not None and (r.best_val is None or val_acc >= r.best_val)  # a tie keeps the later
+    r.best_val = val_acc if is_best else r.best_val
+    state = {"model": r.model.state_dict(), "ema": r.ema.state_dict(), "optimizer": r.opt.state_dict(),
+             "scaler": r.scaler.state_dict(), "epoch": r.epoch, "batch": r.batch, "step": r.step,
+             "perm": None if r.perm is None else r.perm.cpu(),  # on the CPU: a CUDA checkpoint loads anywhere
+             "best_val": r.best_val, "val_acc": val_acc, "config": r.config,
+             "rng": {"data": r.data_gen.get_state(), "ranks": ranks}}
+    save_checkpoint(state, os.path.join(r.out_dir, "ckpt.pt"))
+    if is_best:
+        save_checkpoint(state, os.path.join(r.out_dir, "best.pt"))
+    return val_acc
+
+
+def wrap(model: ContextUnet, compile: bool, device: torch.device) -> nn.Module:
+    """What the steps run: the plain module (which checkpoints save), compiled and/or under DDP."""
+    net = torch.compile(model) if compile else model
+    if dist.is_initialized() and device.type == "cuda":  # BatchNorm statistics over the global batch, as one process has them
+        return DDP(nn.SyncBatchNorm.convert_sync_batchnorm(net), device_ids=[device.index])
+    if dist.is_initialized():  # SyncBatchNorm is GPU-only: on CPU each process normalizes over its own share of the batch
+        return DDP(net)
+    return net
+
+
+def catch_signals(stop: dict) -> dict:
+    """Ctrl-C / SIGTERM set stop['signal']: the current step finishes, the run saves and exits cleanly. Returns the
+    previous handlers, for release_signals."""
+    on_signal = lambda signum, frame: stop.update(signal=signal.Signals(signum).name)
+    return {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def release_signals(previous: dict) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def log_epoch(r: SimpleNamespace, log, seconds: float, loss: float, steps: int, t_start: float, val_acc, left: float):
+    """One line of metrics.jsonl, the curves picture, and the epoch's line on the console."""
+    row = {"epoch": r.epoch, "step": r.step, "loss": loss, "images_per_s": steps * r.bs * r.world / seconds,
+           "epoch_s": round(seconds, 2), "elapsed_s": round(time.time() - t_start, 1),
+           **({"val_acc": val_acc} if val_acc is not None else {})}
+    log.write(json.dumps(row) + "\n")
+    log.flush()
+    plot_curves(r.out_dir)
+    tqdm.write(f"epoch {r.epoch}/{r.epochs}  loss {loss:.4f}  {row['images_per_s']:.0f} img/s"
+               f"{f'  val {val_acc:.3f} (best {r.best_val:.3f})' if val_acc is not None else ''}  "
+               f"{fmt_time(left)} left  saved {r.out_dir}/ckpt.pt")
+
+
+def progress_grid(r: SimpleNamespace) -> None:
+    """A quick DDIM grid of the first 32 validation conditions, with its own RNG: training is untouched."""
+    x0, _ = sample_images(r.ema, r.val_cond[:32], r.sched, w=0.5, sampler="ddim", steps=50, seed=0, precision=r.precision)
+    os.makedirs(os.path.join(r.out_dir, "progress"), exist_ok=True)
+    save_grid(to_64(x0), os.path.join(r.out_dir, "progress", f"epoch_{r.epoch:04d}.png"))
 
 
 def time_left(args, t_start: float, steps_done: int, steps_left: int) -> float:
@@ -317,15 +456,30 @@ def fmt_time(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def warn_cpu_time(args, bar, per_step: float, steps_left: int, n_batches: int) -> None:
+    """Said once, early in a CPU run: what the --minutes budget buys, or how long a run without one takes (full-size
+    settings take days on a CPU: better said up front than by a slow bar). Nothing for a short run."""
+    if args.minutes and 60 * args.minutes < per_step * steps_left:
+        steps = int(60 * args.minutes / per_step)
+        bar.write(f"on this CPU: about {per_step:.3f}s per step, so the {args.minutes:g}-minute budget trains about "
+                  f"{steps} steps ({steps / n_batches:.1f} epochs)")
+    elif not args.minutes and per_step * steps_left > 1800:
+        bar.write(f"on this CPU: about {per_step:.2f}s per step, so this run takes about {per_step * steps_left / 3600:.1f} h "
+                  f"(a GPU, or --preset cpu, is much faster)")
+
+
+def next_command(args) -> str:
+    """The README's next step after training: sample the best checkpoint where validation kept one."""
+    best = os.path.join(args.out_dir, "best.pt")
+    ckpt = best if os.path.isfile(best) else os.path.join(args.out_dir, "ckpt.pt")
+    return f"python sample.py --ckpt {ckpt}" + (f" {PRESET_SAMPLING[args.preset]}" if args.preset else "")
+
+
 def train(args) -> ContextUnet:
     """Train as args say; returns the trained network (the plain module, as in the checkpoint)."""
-    rank, world, device = setup_distributed(args.device)
-    main_rank = rank == 0  # only rank 0 writes checkpoints, logs and grids
-    say = print if main_rank else (lambda *a, **k: None)
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    ckpt = resume_state(args, ckpt_path) if args.resume else None
-    if args.image_size % 4:
-        raise UserError(f"--image-size {args.image_size}: must be divisible by 4 (the net halves it twice); try 64")
+    rank, world, device, prep_group = setup_distributed(args.device)
+    say = print if rank == 0 else (lambda *a, **k: None)  # only rank 0 speaks and writes checkpoints, logs and grids
+    ckpt = resume_state(args, os.path.join(args.out_dir, "ckpt.pt")) if args.resume else None
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size}: the global batch must divide among {world} processes")
     precision = resolve_precision(args.precision, device)
@@ -334,144 +488,80 @@ def train(args) -> ContextUnet:
     eval_every = (10 if device.type == "cuda" else 0) if args.eval_every is None else args.eval_every
     setup_backends(device, precision, args.deterministic)
     ensure_writable(args.out_dir, "--out-dir")
-    if not main_rank:
-        dist.barrier()  # the other ranks wait while rank 0 renders the synthetic set or fills the decode cache
-    data_dir = args.data_dir = prepare_data(args)
-    images, cond = load_train(data_dir, args.image_dir, args.image_size)  # (N, 3, S, S) uint8, (N, 24) multi-hot
-    objects = load_objects(data_dir)
-    _, val_cond = load_val(data_dir, args.out_dir, objects) if main_rank else (None, None)
-    if main_rank and dist.is_initialized():
-        dist.barrier()
-    torch.manual_seed(args.seed + rank)  # noise, t and condition drops differ per rank ...
-    data_gen = torch.Generator().manual_seed(args.seed)  # ... the epoch order is the same on every rank
-    images, cond = images.to(device), cond.to(device)  # the whole set lives on the device: no loader, no decode
-    judge = find_judge(args, data_dir, device) if main_rank and eval_every else None
-
+    images, cond, val_cond, judge = prepare(args, rank, device, prep_group, eval_every)
+    torch.manual_seed(args.seed + rank)  # noise, t and condition drops differ per rank; the epoch order does not
     sched = {k: v.to(device) for k, v in ddpm_schedules(args.beta1, args.beta2, args.T, args.schedule).items()}
     r = make_trainer(args, device, precision, channels_last, fused, images, cond, sched)
-    model, ema, opt, scaler = r.model, r.ema, r.opt, r.scaler
-    config = {"model": model.config, "data_dir": data_dir, "T": args.T, "beta1": args.beta1, "beta2": args.beta2,
-              "schedule": args.schedule,
-              "train": {k: v for k, v in vars(args).items() if k not in ("explicit", "resume", "device")}}
-    epoch, batch, step, perm, best_val = 0, 0, 0, None, None
+    r.__dict__.update(rank=rank, world=world, bs=min(args.batch_size, len(images)) // world, val_cond=val_cond,
+                      judge=judge, out_dir=args.out_dir, epochs=args.epochs, seed=args.seed, epoch=0, batch=0, step=0,
+                      perm=None, best_val=None, data_gen=torch.Generator().manual_seed(args.seed), config=run_config(args, r))
     if ckpt:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        match_optimizer_layout(opt)
-        if ckpt.get("scaler") and scaler.is_enabled():
-            scaler.load_state_dict(ckpt["scaler"])
-        epoch, batch, step, perm, best_val = ckpt["epoch"], ckpt["batch"], ckpt["step"], ckpt["perm"], ckpt.get("best_val")
-        data_gen.set_state(ckpt["rng"]["data"])
-        if len(ckpt["rng"]["ranks"]) == world:  # each rank's own noise stream (reseeded if the world size changed)
-            torch.set_rng_state(ckpt["rng"]["ranks"][rank]["cpu"])
-            if device.type == "cuda" and ckpt["rng"]["ranks"][rank]["cuda"] is not None:
-                torch.cuda.set_rng_state(ckpt["rng"]["ranks"][rank]["cuda"])
-        say(f"resuming {ckpt_path} at epoch {epoch}, batch {batch}, step {step}")
-
-    def checkpoint(epoch, batch, perm, evaluate=False):
-        """Every rank's RNG, the EMA's own BatchNorm statistics, the validation score, then an atomic write."""
-        nonlocal best_val
-        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
-        ranks = [None] * world
-        if dist.is_initialized():
-            dist.all_gather_object(ranks, rng)  # every rank's RNG, so a resume continues each stream exactly
-        else:
-            ranks = [rng]
-        if not main_rank:
-            return None
-        refresh_bn_stats(ema, bn_batches(images, cond, sched, args.drop_prob, args.seed + step, min(1024, n), bs * world),
-                         precision, channels_last)
-        val_acc = validate(ema, val_cond, sched, judge, precision) if evaluate and judge else None
-        is_best = val_acc is not None and (best_val is None or val_acc >= best_val)  # a tie keeps the later
-        best_val = val_acc if is_best else best_val
-        state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                 "scaler": scaler.state_dict(), "epoch": epoch, "batch": batch, "step": step, "perm": perm,
-                 "best_val": best_val, "val_acc": val_acc, "config": config,
-                 "rng": {"data": data_gen.get_state(), "ranks": ranks}}
-        save_checkpoint(state, ckpt_path)
-        if is_best:
-            save_checkpoint(state, os.path.join(args.out_dir, "best.pt"))
-        return val_acc
-
-    stop = {"signal": None}  # Ctrl-C / SIGTERM finish the current step, save, and exit cleanly
-    on_signal = lambda signum, frame: stop.update(signal=signal.Signals(signum).name)
-    previous_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    n, bs = len(images), min(args.batch_size, len(images)) // world  # bs: this rank's share of the global batch
-    n_batches = n // (bs * world)  # the ragged last batch is dropped: BatchNorm dislikes tiny batches
-    say(f"ContextUnet: {count_params(model) / 1e6:.2f}M parameters, {args.image_size}px, n_feat {args.n_feat}; "
-        f"{n} images from {data_dir}; {n_batches} steps/epoch of {bs * world}"
-        f"{f' ({world} processes x {bs})' if world > 1 else ''}; device {device}, {precision}"
-        f"{', channels_last' if channels_last else ''}{', fused Adam' if fused else ''}"
-        f"{f', stops after {args.minutes:g} min' if args.minutes else ''}")
-    log = open(os.path.join(args.out_dir, "metrics.jsonl"), "a") if main_rank else None
-    net = torch.compile(model) if args.compile else model  # checkpoints always save the plain module
-    if dist.is_initialized() and device.type == "cuda":  # BatchNorm statistics over the global batch, as one process has them
-        net = DDP(nn.SyncBatchNorm.convert_sync_batchnorm(net), device_ids=[device.index])
-    elif dist.is_initialized():  # SyncBatchNorm is GPU-only: on CPU each process normalizes over its own share of the batch
-        net = DDP(net)
-    r.net, r.world = net, world
-    t_start, step0, loss_sum, loss_count = time.time(), step, 0.0, 0
+        restore(r, ckpt)
+        say(f"resuming {args.out_dir}/ckpt.pt at epoch {r.epoch}, batch {r.batch}, step {r.step}")
+    r.net = wrap(r.model, args.compile, device)
+    n_batches = len(images) // (r.bs * world)  # the ragged last batch is dropped: BatchNorm dislikes tiny batches
+    r.total_steps = args.epochs * n_batches
+    say(describe(args, r, device, n_batches))
+    stop = {"signal": None}
+    previous_handlers = catch_signals(stop)
+    log = open(os.path.join(args.out_dir, "metrics.jsonl"), "a") if rank == 0 else None
+    t_start, step0, loss_sum, loss_count = time.time(), r.step, 0.0, 0
     try:
-        while epoch < args.epochs:
-            if perm is None:
-                perm = torch.randperm(n, generator=data_gen).to(device)
-            bar = tqdm(range(batch, n_batches), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=not main_rank)
+        while r.epoch < args.epochs:
+            if r.perm is None:
+                r.perm = torch.randperm(len(images), generator=r.data_gen).to(device)  # the same on every rank
+            bar = tqdm(range(r.batch, n_batches), desc=f"epoch {r.epoch + 1}/{args.epochs}", leave=False, disable=rank != 0)
             t_epoch, loss_sum, loss_count = time.time(), 0.0, 0
             for batch in bar:
                 time_up = bool(args.minutes) and time.time() - t_start >= 60 * args.minutes
-                loss_value, stop_now = train_step(r, shard(perm, batch, bs, rank, world), step, bool(stop["signal"]) or time_up)
+                loss_value, stop_now = train_step(r, shard(r.perm, batch, r.bs, rank, world), r.step,
+                                                  bool(stop["signal"]) or time_up, time.time() - t_start)
                 if not math.isfinite(loss_value):  # checked before the update, on every rank: no weight is touched
-                    raise UserError(f"loss became {loss_value} at epoch {epoch + 1}, step {step + 1}; {ckpt_path} still "
-                                    f"holds the last good state: lower --lr and resume with --resume")
-                step, loss_sum, loss_count = step + 1, loss_sum + loss_value, loss_count + 1
-                left = time_left(args, t_start, step - step0, args.epochs * n_batches - step)
-                bar.set_postfix(loss=f"{loss_sum / loss_count:.4f}", run_left=fmt_time(left))
-                if loss_count == 3 and main_rank and device.type == "cpu":
-                    estimate_cpu_time(time.time() - t_epoch, n_batches * args.epochs, bar)
+                    raise UserError(f"loss became {loss_value} at epoch {r.epoch + 1}, step {r.step + 1}; "
+                                    f"{args.out_dir}/ckpt.pt still holds the last good state: lower --lr and resume with --resume")
+                r.batch, r.step, loss_sum, loss_count = batch + 1, r.step + 1, loss_sum + loss_value, loss_count + 1
+                bar.set_postfix(loss=f"{loss_sum / loss_count:.4f}",
+                                run_left=fmt_time(time_left(args, t_start, r.step - step0, args.epochs * n_batches - r.step)))
+                if r.step - step0 == 3 and rank == 0 and device.type == "cpu":  # said once, after a few steps
+                    warn_cpu_time(args, bar, (time.time() - t_start) / 3, args.epochs * n_batches - r.step, n_batches)
                 if stop_now:
-                    checkpoint(epoch, batch + 1, perm)
+                    checkpoint(r)
                     why = stop["signal"] or ("time budget" if time_up else "another process stopped")
-                    say(f"\n{why}: saved {ckpt_path} at epoch {epoch + 1}, step {step}; "
-                        f"continue with: python train.py --resume --out-dir {args.out_dir}")
-                    return model
-            epoch, batch, perm = epoch + 1, 0, None
-            val_acc = checkpoint(epoch, 0, None, evaluate=bool(eval_every) and epoch % eval_every == 0)
-            if main_rank:
-                seconds = time.time() - t_epoch
-                row = {"epoch": epoch, "step": step, "loss": loss_sum / max(loss_count, 1),
-                       "images_per_s": loss_count * bs * world / seconds, "epoch_s": round(seconds, 2),
-                       "elapsed_s": round(time.time() - t_start, 1), **({"val_acc": val_acc} if val_acc is not None else {})}
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-                plot_curves(args.out_dir)
-                left = time_left(args, t_start, step - step0, (args.epochs - epoch) * n_batches)
-                tqdm.write(f"epoch {epoch}/{args.epochs}  loss {row['loss']:.4f}  {row['images_per_s']:.0f} img/s"
-                           f"{f'  val {val_acc:.3f} (best {best_val:.3f})' if val_acc is not None else ''}  "
-                           f"{fmt_time(left)} left  saved {ckpt_path}")
-            if main_rank and args.sample_every and (epoch % args.sample_every == 0 or epoch == args.epochs):
-                # a quick DDIM grid of the first 32 validation conditions, with its own RNG: training is untouched
-                x0, _ = sample_images(ema, val_cond[:32], sched, w=0.5, sampler="ddim", steps=50, seed=0, precision=precision)
-                os.makedirs(os.path.join(args.out_dir, "progress"), exist_ok=True)
-                save_grid(to_64(x0), os.path.join(args.out_dir, "progress", f"epoch_{epoch:04d}.png"))
+                    say(f"\n{why}: saved {args.out_dir}/ckpt.pt at epoch {r.epoch + 1}, step {r.step}; next: "
+                        f"{next_command(args)} (or train on: python train.py --resume --out-dir {args.out_dir})")
+                    return r.model
+            r.epoch, r.batch, r.perm = r.epoch + 1, 0, None
+            val_acc = checkpoint(r, evaluate=bool(eval_every) and r.epoch % eval_every == 0)
+            if rank == 0:
+                log_epoch(r, log, time.time() - t_epoch, loss_sum / max(loss_count, 1), loss_count, t_start, val_acc,
+                          time_left(args, t_start, r.step - step0, (args.epochs - r.epoch) * n_batches))
+            if rank == 0 and args.sample_every and (r.epoch % args.sample_every == 0 or r.epoch == args.epochs):
+                progress_grid(r)
     finally:  # leave the process as we found it (tests call train() in-process)
         if log:
             log.close()
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
+        release_signals(previous_handlers)
         if dist.is_initialized():
             dist.destroy_process_group()
-    say(f"done: {epoch} epochs, {step} steps in {(time.time() - t_start) / 60:.1f} min, final loss "
-        f"{loss_sum / max(loss_count, 1):.4f}; checkpoint {ckpt_path}; next: python sample.py --ckpt {ckpt_path}")
-    return model
+    say(f"done: {r.epoch} epochs, {r.step} steps in {(time.time() - t_start) / 60:.1f} min, final loss "
+        f"{loss_sum / max(loss_count, 1):.4f}; checkpoint {args.out_dir}/ckpt.pt; next: {next_command(args)}")
+    return r.model
 
 
-def estimate_cpu_time(seconds_for_3_steps: float, total_steps: int, bar) -> None:
-    """Full-size settings on a CPU take days: say so up front rather than let a bar say it slowly."""
-    per_step = seconds_for_3_steps / 3
-    if per_step * total_steps > 1800:
-        bar.write(f"on this CPU: about {per_step:.2f}s per step, so this run takes about "
-                  f"{per_step * total_steps / 3600:.1f} h (a GPU, or --preset cpu, is much faster)")
+def run_config(args, r: SimpleNamespace) -> dict:
+    """What a checkpoint records of the run: the network's constructor arguments, the noise process, every setting."""
+    return {"model": r.model.config, "data_dir": args.data_dir, "T": args.T, "beta1": args.beta1, "beta2": args.beta2,
+            "schedule": args.schedule,
+            "train": {k: v for k, v in vars(args).items() if k not in ("explicit", "resume", "device")}}
+
+
+def describe(args, r: SimpleNamespace, device: torch.device, n_batches: int) -> str:
+    """The run's first line: the network, the data, the step, the device and its switches."""
+    return (f"ContextUnet: {count_params(r.model) / 1e6:.2f}M parameters, {args.image_size}px, n_feat {args.n_feat}; "
+            f"{len(r.images)} images from {args.data_dir}; {n_batches} steps/epoch of {r.bs * r.world}"
+            f"{f' ({r.world} processes x {r.bs})' if r.world > 1 else ''}; device {device}, {r.precision}"
+            f"{', channels_last' if r.channels_last else ''}{', fused Adam' if r.opt.param_groups[0]['fused'] else ''}"
+            f"{f', stops after {args.minutes:g} min' if args.minutes else ''}")
 
 
 def main():

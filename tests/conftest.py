@@ -7,6 +7,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHARED_ICLEVR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "iclevr")
 
 
+@pytest.fixture(autouse=True)
+def cpu_unless_a_cuda_test(request, monkeypatch):
+    """Every test outside tests/test_cuda.py runs on the CPU, whatever the machine has: --device auto means the CPU
+    in this process and in every process a test starts (ICLEVR_DEVICE is inherited), so a GPU machine runs the same
+    CPU suite as CI, and tests/test_cuda.py is the one place for CUDA."""
+    if request.path.name == "test_cuda.py":
+        monkeypatch.delenv("ICLEVR_DEVICE", raising=False)
+    else:
+        monkeypatch.setenv("ICLEVR_DEVICE", "cpu")
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """A 12-scene synthetic set (36 images) in the course's layout, rendered once per test session."""

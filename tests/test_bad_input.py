@@ -7,9 +7,13 @@ import sys
 import pytest
 import torch
 
+import bench
 import evaluate
+import evaluator
 import sample
+import synthetic
 import train
+from dataset import Number, Numbers
 
 TINY = ["--image-size", "16", "--n-feat", "8", "--batch-size", "12", "--T", "20", "--sample-every", "0"]
 
@@ -56,7 +60,7 @@ def test_sampling_mistakes(trained, tmp_path, capsys, monkeypatch):
     fails(sample, ["--ckpt", ckpt, "--conditions", write(tmp_path / "m.json", "[[\"red cube\"")], capsys,
           monkeypatch, "m.json: malformed JSON")
     fails(sample, ["--ckpt", ckpt, "--split", "valid"], capsys, monkeypatch, "--split valid: no such split")
-    fails(sample, ["--ckpt", ckpt, "--w", "-1"], capsys, monkeypatch, "--w -1.0: the guidance weight must be >= 0")
+    fails(sample, ["--ckpt", ckpt, "--w", "-1"], capsys, monkeypatch, "--w -1: must be a guidance weight >= 0")
     fails(sample, ["--ckpt", str(tmp_path / "none.pt")], capsys, monkeypatch, "checkpoint not found")
     truncated = tmp_path / "trunc.pt"
     truncated.write_bytes(open(ckpt, "rb").read()[:5000])
@@ -76,7 +80,7 @@ def test_training_mistakes(trained, tmp_path, capsys, monkeypatch):
     args = ["--out-dir", str(tmp_path / "t"), *TINY, "--epochs", "1"]
     fails(train, ["--data-dir", str(tmp_path / "nowhere"), *args], capsys, monkeypatch, "data folder not found")
     fails(train, ["--data-dir", data, *args, "--image-size", "30"], capsys, monkeypatch,
-          "--image-size 30: must be divisible by 4")
+          "--image-size 30: must be a multiple of 4 (the network halves it twice)")
     fails(train, ["--data-dir", data, "--image-dir", str(tmp_path / "noimg"), *args], capsys, monkeypatch,
           "image folder not found")
     bad = tmp_path / "baddata"
@@ -113,3 +117,70 @@ def test_evaluation_mistakes(trained, tmp_path, capsys, monkeypatch):
     Image.new("RGB", (64, 64)).save(samples / "test" / "0.png")
     fails(evaluate, ["--ckpt", f"{out}/ckpt.pt", "--samples-dir", str(samples), "--split", "test",
                      "--classifier", str(tmp_path / "none.pth")], capsys, monkeypatch, "classifier weights not found")
+
+
+PARSERS = {train: train.make_parser, sample: sample.make_parser, evaluate: evaluate.make_parser,
+           evaluator: evaluator.make_parser, synthetic: synthetic.make_parser, bench: bench.make_parser}
+
+
+def out_of_range(number: Number) -> list:
+    """Values each numeric option must refuse: not a number, not finite, just outside each bound, off the multiple."""
+    step = 1 if number.kind is int else 0.5
+    bad = ["abc", "nan", "inf"] if number.kind is float else ["abc", "1.5"]
+    if number.lo is not None:
+        bad.append(str(number.kind(number.lo if number.lo_open else number.lo - step)))
+    if number.hi is not None:
+        bad.append(str(number.kind(number.hi if number.hi_open else number.hi + step)))
+    if number.multiple > 1:
+        bad.append(str(number.lo + 1))
+    return [f"0,{v}" for v in bad] if isinstance(number, Numbers) else bad
+
+
+def test_every_numeric_option_of_every_script_has_a_checked_range(capsys):
+    for script, make_parser in PARSERS.items():
+        parser = make_parser()
+        numeric = [a for a in parser._actions if a.option_strings and a.nargs != 0 and (
+            a.type in (int, float) or isinstance(a.type, Number) or type(a.default) in (int, float))]
+        assert numeric, script.__name__
+        for action in numeric:  # an option added later as a plain type=int or type=float fails here
+            flag = action.option_strings[0]
+            assert isinstance(action.type, Number), f"{script.__name__}.py {flag}: a number without a checked range"
+            if action.default is not None:
+                assert all(map(action.type.ok, action.default if isinstance(action.type, Numbers) else [action.default]))
+            for value in out_of_range(action.type):
+                with pytest.raises(SystemExit) as e:
+                    make_parser().parse_args([flag, value])
+                err = capsys.readouterr().err.strip().splitlines()
+                assert e.value.code == 2 and len(err) == 1, (flag, value, err)
+                assert err[0].startswith(f"error: {flag} {value}: ") and "must be" in err[0], err[0]
+
+
+@pytest.mark.parametrize("script,argv,expect", [
+    (train, ["--batch-size", "0"], "--batch-size 0: must be a positive integer (default 128)"),
+    (train, ["--lr", "-1"], "--lr -1: must be a number > 0"),
+    (train, ["--T", "0"], "--T 0: must be an integer >= 2"),
+    (train, ["--n-feat", "0"], "--n-feat 0: must be a positive integer"),
+    (train, ["--drop-prob", "1.5"], "--drop-prob 1.5: must be a probability in [0, 1] (default 0.1)"),
+    (train, ["--ema-decay", "1.5"], "--ema-decay 1.5: must be a decay in [0, 1) (default 0.999)"),
+    (train, ["--beta2", "2"], "--beta2 2: must be a noise variance in (0, 1)"),
+    (train, ["--beta1", "0.05"], "--beta1 0.05: must be below --beta2 0.02"),
+    (train, ["--minutes", "-1"], "--minutes -1: must be a number >= 0"),
+    (train, ["--eval-every", "-3"], "--eval-every -3: must be an integer >= 0"),
+    (sample, ["--steps", "0", "--sampler", "ddim"], "--steps 0: must be a positive integer"),
+    (sample, ["--w", "nan"], "--w nan: must be a guidance weight >= 0"),
+    (evaluate, ["--sweep", "0,abc"], "--sweep 0,abc: each value must be a guidance weight >= 0 ('abc' is not)"),
+    (evaluator, ["--train", "--epochs", "0"], "--epochs 0: must be a positive integer"),
+    (synthetic, ["--scenes", "0"], "--scenes 0: must be a positive integer"),
+    (bench, ["--batch-size", "-4"], "--batch-size -4: must be a positive integer"),
+])
+def test_the_numbers_a_new_user_mistypes(script, argv, expect, capsys, monkeypatch):
+    fails(script, argv, capsys, monkeypatch, expect)
+
+
+def test_ddim_steps_above_t_are_clipped_with_a_notice(trained, tmp_path, capsys, monkeypatch):
+    data, out = trained
+    monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt", f"{out}/ckpt.pt", "--out-dir", str(tmp_path), "--split",
+                                      "test", "--sampler", "ddim", "--steps", "100000"])
+    sample.main()
+    assert "note: --steps 100000 is more than the checkpoint's T = 20: DDIM takes 20 steps" in capsys.readouterr().out
+    assert len(os.listdir(tmp_path / "test")) == 32

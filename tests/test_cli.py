@@ -69,3 +69,33 @@ def test_the_preset_is_what_the_readme_says():
     for key in preset:
         if key not in ("preset", "explicit"):
             assert spelled_out[key] == preset[key], key
+
+
+def readme_cpu_block() -> list:
+    """The commands of the README's "On a CPU: the preset" block, in order, as written (comments dropped)."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    block = text.split("## On a CPU: the preset", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line.split("#", 1)[0].strip() for line in block.splitlines() if line.startswith("python ")]
+
+
+def test_the_readme_cpu_block_runs_as_written_on_a_fresh_folder(tiny_data, tmp_path):
+    # a fresh machine: the synthetic set at its default place and no classifier yet. The block's words are run as
+    # they are; only size and time are made tiny, by flags appended to the training line (explicit flags win)
+    import shlex
+    import shutil
+    shutil.copytree(tiny_data, tmp_path / "data" / "synthetic", ignore=shutil.ignore_patterns("checkpoint.pth"))
+    tiny = ["--image-size", "16", "--n-feat", "8", "--T", "20", "--batch-size", "12", "--epochs", "2", "--eval-every", "1"]
+    commands = readme_cpu_block()
+    assert [c.split()[1] for c in commands] == ["train.py", "sample.py", "evaluate.py"]
+    outputs = []
+    for command in commands:
+        argv = shlex.split(command)[1:]
+        argv = [os.path.join(ROOT, argv[0]), *argv[1:], *(tiny if argv[0] == "train.py" else [])]
+        p = subprocess.run([sys.executable, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, command + "\n" + p.stdout[-2000:] + p.stderr[-2000:]
+        outputs.append(p.stdout)
+    assert "no classifier at data/synthetic/checkpoint.pth: the data is synthetic, so training one" in outputs[0]
+    assert outputs[0].strip().splitlines()[-1].endswith(f"next: {commands[1]}")  # training names the block's next line
+    assert "ckpt out/best.pt" in commands[1] and "out/best.pt (epoch" in outputs[1]  # the checkpoint the user named
+    assert outputs[2].strip().splitlines()[-1].startswith("summary: test ")

@@ -72,6 +72,13 @@ if int(os.environ["RANK"]) == 1 and {fault!r} == "sigterm":  # this rank alone g
         if calls[0] == 4:
             os.kill(os.getpid(), signal.SIGTERM)
     train.ema_update = update
+if {fault!r} == "slow_prepare":  # a short collective timeout (NCCL's 10 minutes, scaled) and a slow first run on rank 0
+    import datetime, time
+    real_init = train.dist.init_process_group
+    train.dist.init_process_group = lambda *a, **k: real_init(*a, **{{**k, "timeout": datetime.timedelta(seconds=4)}})
+    if int(os.environ["RANK"]) == 0:
+        real_prepare = train.prepare_data
+        train.prepare_data = lambda args: (time.sleep(10), real_prepare(args))[1]
 sys.argv = ["train.py"] + {argv!r}
 train.main()
 """
@@ -115,3 +122,10 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step_and_the_resume_is_bit_e
     assert [rc for rc, _, _ in launch(args + ["--out-dir", str(tmp_path / "b"), "--resume"])] == [0, 0]
     straight, resumed = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False) for d in ("a", "b"))
     assert_same_state(straight, resumed)
+
+
+def test_the_other_ranks_wait_as_long_as_rank_0_prepares_the_data(tiny_data, tmp_path):
+    # rank 0 renders the set and trains the judge on a first run: minutes, beyond the collectives' timeout
+    results = launch(["--data-dir", tiny_data, "--out-dir", str(tmp_path), *TINY, "--epochs", "1"], fault="slow_prepare")
+    assert [rc for rc, _, _ in results] == [0, 0], results[1][2][-2000:]
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["epoch"] == 1

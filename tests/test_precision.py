@@ -121,17 +121,25 @@ def test_half_precision_sampling_agrees_with_fp32(precision):
     assert (out - ref).abs().mean() < 0.05 and not torch.equal(out, ref)  # the half-precision path really ran
 
 
-def test_auto_precision_follows_the_card(monkeypatch):
-    assert resolve_precision("auto", CPU) == "fp32"
+@pytest.mark.parametrize("capability,expected", [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_auto_precision_follows_the_cards_compute_capability(monkeypatch, capability, expected):
+    # V100 7.0 and T4 / RTX 20xx 7.5 have no bf16 tensor cores, though torch's is_bf16_supported() counts emulation
     gpu = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert resolve_precision("auto", gpu) == "bf16"  # Ampere and later
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla T4")
-    assert resolve_precision("auto", gpu) == "fp16"  # T4, V100, RTX 20xx
-    with pytest.raises(device_module.UserError, match="Tesla T4 has no bf16; use fp16 or auto"):
-        resolve_precision("bf16", gpu)
+    assert resolve_precision("auto", gpu) == expected
+    if expected == "fp16":
+        with pytest.raises(device_module.UserError, match="Tesla T4 has no bf16; use fp16 or auto"):
+            resolve_precision("bf16", gpu)
+    else:
+        assert resolve_precision("bf16", gpu) == "bf16"
+    assert resolve_precision("auto", CPU) == "fp32"
     assert resolve_precision("fp16", CPU) == "fp16"  # every precision runs on the CPU too
+
+
+def test_setup_backends_has_its_docstring():
+    assert setup_backends.__doc__ and "TF32" in setup_backends.__doc__
 
 
 def test_backend_switches_for_fixed_shapes_and_for_deterministic_runs():
@@ -171,3 +179,32 @@ def test_compiled_training_matches_eager_training(tiny_data, tmp_path):
     assert abs(loss("c") - loss("e")) < 1e-4 * loss("e")  # the same losses, step for step, to rounding
     for name, p in eager.named_parameters():  # Adam turns rounding-sized gradients of biases into lr-sized steps
         torch.testing.assert_close(compiled.state_dict()[name], p.detach(), rtol=0, atol=1e-3)
+
+
+def test_cpu_tests_stay_on_the_cpu_where_cuda_looks_available(monkeypatch):
+    # conftest's fixture: on a GPU machine, --device auto in this suite (here and in any process it starts) is the CPU
+    import subprocess
+    import sys
+    from device import resolve_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == CPU
+    driver = ("import torch; torch.cuda.is_available = lambda: True; import train, sample, evaluator, bench; "
+              "print(train.resolve_device('auto'), sample.resolve_device('auto'), evaluator.resolve_device('auto'), "
+              "bench.resolve_device('auto'))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "-c", driver], cwd=root, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.split() == ["cpu"] * 4, p.stdout[-2000:] + p.stderr[-2000:]
+
+
+def test_a_resume_runs_the_adam_this_run_asks_for_not_the_checkpoints(tiny_data, tmp_path):
+    # the checkpoint's param groups say fused=False; loaded as they were, the fp16 scaler would hand its scale to
+    # unfused Adam ("Expected grad_scale and found_inf to be None")
+    common = ["--data-dir", tiny_data, "--out-dir", str(tmp_path), *TINY, "--precision", "fp16"]
+    train.train(train.get_args([*common, "--epochs", "1", "--fused-adam", "0"]))
+    train.train(train.get_args([*common, "--epochs", "2", "--fused-adam", "1", "--resume"]))
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 6 and all(g["fused"] and not g["foreach"] for g in ckpt["optimizer"]["param_groups"])
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    train.train(train.get_args([*common, "--epochs", "3", "--fused-adam", "0", "--resume"]))  # and back again
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 9 and not any(g["fused"] for g in ckpt["optimizer"]["param_groups"])

@@ -184,3 +184,37 @@ def test_minutes_stops_at_a_step_boundary_saves_and_resumes_exactly(tiny_data, t
     a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False) for d in ("a", "b"))
     assert_same_state(a, b)
     assert all(torch.equal(straight.state_dict()[k], resumed.state_dict()[k]) for k in straight.state_dict())
+
+
+def test_the_cosine_learning_rate_follows_its_closed_form_by_steps_or_by_the_clock():
+    import math
+    from types import SimpleNamespace
+    r = SimpleNamespace(lr=1e-3, lr_schedule="cosine", warmup_steps=10, minutes=0, total_steps=100)
+    assert math.isclose(train.learning_rate(r, 0, 0.0), 1e-4)  # warm-up: (0 + 1) / 10 of the cosine's start
+    assert math.isclose(train.learning_rate(r, 50, 999.0), 5e-4)  # half way by steps: the clock is ignored
+    assert train.learning_rate(r, 100, 0.0) < 1e-12
+    r.minutes = 2  # a time budget: the clock decides, half of 2 minutes is half way
+    assert math.isclose(train.learning_rate(r, 30, 60.0), 5e-4) and train.learning_rate(r, 30, 500.0) < 1e-12
+    r.lr_schedule, r.warmup_steps = "constant", 0
+    assert train.learning_rate(r, 77, 60.0) == 1e-3  # report C
+
+
+def test_a_cosine_run_resumes_bit_for_bit_and_ends_near_zero(tiny_data, tmp_path, monkeypatch):
+    import math
+    cosine = ["--lr-schedule", "cosine", "--warmup-steps", "2", "--epochs", "2"]
+    straight = train_run(tiny_data, tmp_path / "a", *cosine)
+    real_update, calls = train.ema_update, {"n": 0}
+
+    def update_then_sigterm_at_step_3(*args):
+        real_update(*args)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(train, "ema_update", update_then_sigterm_at_step_3)
+    assert train_run(tiny_data, tmp_path / "b", *cosine)["step"] == 4
+    monkeypatch.setattr(train, "ema_update", real_update)
+    resumed = train_run(tiny_data, tmp_path / "b", "--resume")  # the schedule and its length come from the checkpoint
+    assert_same_state(straight, resumed)
+    last = resumed["optimizer"]["param_groups"][0]["lr"]  # step 5 of 6: 1e-4 * (1 + cos(pi 5/6)) / 2
+    assert math.isclose(last, 1e-4 * (1 + math.cos(math.pi * 5 / 6)) / 2, rel_tol=1e-9)

@@ -87,8 +87,13 @@ def test_curves_png_has_its_size_and_changes_when_an_epoch_is_logged(tiny_data, 
     assert png.read_bytes() != before and os.path.getsize(png) > 0
 
 
-def test_without_a_classifier_training_says_so_once_and_carries_on(tiny_data, tmp_path, capsys):
-    train.train(train.get_args(["--data-dir", tiny_data, "--out-dir", str(tmp_path), *TINY, "--eval-every", "1",
+def test_on_the_courses_data_without_its_classifier_training_says_so_once_and_carries_on(tiny_data, tmp_path, capsys):
+    # no synthetic.json: the course's data, whose only judge is the course's checkpoint.pth, so none is trained
+    import shutil
+    data = tmp_path / "course"
+    shutil.copytree(tiny_data, data, ignore=shutil.ignore_patterns("synthetic.json", "checkpoint.pth"))
+    train.train(train.get_args(["--data-dir", str(data), "--out-dir", str(tmp_path / "run"), *TINY, "--eval-every", "1",
                                 "--epochs", "2"]))
     assert capsys.readouterr().out.count("no classifier at") == 1
-    assert not (tmp_path / "best.pt").exists() and (tmp_path / "ckpt.pt").exists()
+    assert not (tmp_path / "run" / "best.pt").exists() and (tmp_path / "run" / "ckpt.pt").exists()
+    assert not (data / "checkpoint.pth").exists()
