@@ -14,8 +14,10 @@ import time
 from collections import Counter
 
 import torch
+from PIL import Image, ImageDraw
 
-from dataset import POSITIVE_INT, Numbers, Parser, run_cli, COLORS, SHAPES, UserError, encode, load_objects, read_json, read_image, to_float
+from dataset import (COLORS, POSITIVE_INT, SHAPES, Numbers, Parser, UserError, encode, load_objects, read_image, read_json,
+                     run_cli, to_float)
 from device import resolve_device
 from evaluator import ensure_classifier, evaluation_model, frechet_distance, load_truth, topk_hits
 
@@ -118,7 +120,6 @@ def sweep(args, judge, data_dir, objects, names, splits) -> None:
 def plot_curves(run_dir: str, width: int = 720, height: int = 400) -> str:
     """RUN_DIR/curves.png from RUN_DIR/metrics.jsonl: training loss (left axis) and validation accuracy (right
     axis, 0 to 1) against epoch, drawn with Pillow. Returns the path."""
-    from PIL import Image, ImageDraw
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         raise UserError(f"{path}: no metrics log; pass the folder train.py wrote (its --out-dir)")
@@ -161,6 +162,30 @@ def plot_curves(run_dir: str, width: int = 720, height: int = 400) -> str:
     return out
 
 
+README_PICTURES = {  # docs/ name: where it comes from (the run folder, or the data folder for the contact sheet)
+    "preset_test.png": "samples/test_grid.png", "preset_new_test.png": "samples/new_test_grid.png",
+    "preset_denoise_strip.png": "samples/denoise_strip.png", "preset_curves.png": "curves.png",
+    "synthetic_contact_sheet.png": "DATA/contact_sheet.png"}
+
+
+def readme_pictures(run_dir: str, data_dir: str, out_dir: str = "docs", max_bytes: int = 150_000) -> list:
+    """The README's pictures from a run: its sample grids, denoising strip and curves, and the data's contact sheet,
+    written to OUT_DIR as 256-colour PNGs (halved until under max_bytes). Returns the paths written."""
+    written = []
+    for name, source in README_PICTURES.items():
+        path = source.replace("DATA", data_dir, 1) if source.startswith("DATA") else os.path.join(run_dir, source)
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: not found; --pictures wants a run that sample.py has sampled (both splits)")
+        img = Image.open(path).convert("RGB")
+        while True:
+            img.quantize(256, method=Image.Quantize.MEDIANCUT).save(os.path.join(out_dir, name), optimize=True)
+            if os.path.getsize(os.path.join(out_dir, name)) <= max_bytes:
+                break
+            img = img.resize((img.width // 2, img.height // 2), Image.Resampling.LANCZOS)
+        written.append(os.path.join(out_dir, name))
+    return written
+
+
 def make_parser():
     p = Parser(description=__doc__)
     p.add_argument("--split", default="both", help="test, new_test, both, val, or the name of any sampled split")
@@ -177,6 +202,9 @@ def make_parser():
     p.add_argument("--steps", type=POSITIVE_INT, default=50, help="with --sweep: DDIM steps")
     p.add_argument("--curves", default=None, metavar="RUN_DIR", help="draw RUN_DIR/curves.png from its metrics.jsonl "
                                                                      "(loss and validation accuracy) and stop")
+    p.add_argument("--pictures", default=None, metavar="RUN_DIR", help="write the README's pictures to docs/ from "
+                                                                       "RUN_DIR (sampled) and its data folder, and stop")
+    p.add_argument("--docs", default="docs", help="with --pictures: where they go")
     return p
 
 
@@ -198,6 +226,8 @@ def find_data_dir(args) -> str:
 def run(args) -> dict:
     if args.curves:
         return print(f"wrote {plot_curves(args.curves)}")
+    if args.pictures:
+        return print("wrote " + ", ".join(readme_pictures(args.pictures, find_data_dir(args), args.docs)))
     device = resolve_device(args.device)
     args.samples_dir = args.samples_dir or os.path.join(os.path.dirname(args.ckpt) or ".", "samples")
     data_dir = find_data_dir(args)

@@ -99,3 +99,15 @@ def test_the_readme_cpu_block_runs_as_written_on_a_fresh_folder(tiny_data, tmp_p
     assert outputs[0].strip().splitlines()[-1].endswith(f"next: {commands[1]}")  # training names the block's next line
     assert "ckpt out/best.pt" in commands[1] and "out/best.pt (epoch" in outputs[1]  # the checkpoint the user named
     assert outputs[2].strip().splitlines()[-1].startswith("summary: test ")
+
+
+def test_the_readme_pictures_come_from_a_run_and_each_stays_under_150_kb(tiny_data, tmp_path):
+    out, docs = str(tmp_path / "run"), tmp_path / "docs"
+    os.makedirs(docs)
+    run("train.py", "--data-dir", tiny_data, "--out-dir", out, "--epochs", "1", "--image-size", "16", "--n-feat", "8",
+        "--batch-size", "12", "--T", "20", "--sample-every", "0")
+    run("sample.py", "--ckpt", f"{out}/ckpt.pt", "--sampler", "ddim", "--steps", "5")
+    p = run("evaluate.py", "--ckpt", f"{out}/ckpt.pt", "--pictures", out, "--docs", str(docs))
+    import evaluate
+    assert sorted(os.listdir(docs)) == sorted(evaluate.README_PICTURES) and "wrote" in p.stdout
+    assert all(0 < os.path.getsize(docs / name) <= 150_000 for name in evaluate.README_PICTURES)
