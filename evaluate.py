@@ -9,6 +9,7 @@ DATA_DIR/checkpoint.pth). On the synthetic set the classifier is this project's 
 first if missing); on the course's data, put the course's checkpoint.pth in the data folder or pass --classifier.
 """
 import json
+import math
 import os
 import time
 from collections import Counter
@@ -137,7 +138,8 @@ def plot_curves(run_dir: str, width: int = 720, height: int = 400) -> str:
     l1 = l1 if l1 > l0 else l0 + 1e-3
     x = lambda e: left + (e - e0) / (e1 - e0) * (right - left)
     y = lambda v, lo, hi: bottom - (v - lo) / (hi - lo) * (bottom - top)
-    for e in range(e0, e1 + 1, max(1, -(-(e1 - e0) // 6))):  # whole epochs below
+    first, last = math.ceil(e0), math.floor(e1)  # a run stopped inside an epoch logs a fraction
+    for e in range(first, last + 1, max(1, -(-(last - first) // 6))):  # whole epochs below
         draw.line([x(e), bottom, x(e), bottom + 4], fill="black")
         draw.text((x(e) - 8, bottom + 6), str(e), fill="black")
     for i in range(6):  # loss on the left, accuracy on the right

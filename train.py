@@ -424,15 +424,17 @@ def release_signals(previous: dict) -> None:
         signal.signal(sig, handler)
 
 
-def log_epoch(r: SimpleNamespace, log, seconds: float, loss: float, steps: int, t_start: float, val_acc, left: float):
-    """One line of metrics.jsonl, the curves picture, and the epoch's line on the console."""
-    row = {"epoch": r.epoch, "step": r.step, "loss": loss, "images_per_s": steps * r.bs * r.world / seconds,
+def log_epoch(r: SimpleNamespace, log, epoch: float, seconds: float, loss: float, steps: int, t_start: float, val_acc,
+              left: float):
+    """One line of metrics.jsonl, the curves picture, and the epoch's line on the console (epoch: epochs done, with
+    a fraction where a stop ends the run inside one)."""
+    row = {"epoch": round(epoch, 3), "step": r.step, "loss": loss, "images_per_s": steps * r.bs * r.world / seconds,
            "epoch_s": round(seconds, 2), "elapsed_s": round(time.time() - t_start, 1),
            **({"val_acc": val_acc} if val_acc is not None else {})}
     log.write(json.dumps(row) + "\n")
     log.flush()
     plot_curves(r.out_dir)
-    tqdm.write(f"epoch {r.epoch}/{r.epochs}  loss {loss:.4f}  {row['images_per_s']:.0f} img/s"
+    tqdm.write(f"epoch {epoch:g}/{r.epochs}  loss {loss:.4f}  {row['images_per_s']:.0f} img/s"
                f"{f'  val {val_acc:.3f} (best {r.best_val:.3f})' if val_acc is not None else ''}  "
                f"{fmt_time(left)} left  saved {r.out_dir}/ckpt.pt")
 
@@ -473,6 +475,14 @@ def next_command(args) -> str:
     best = os.path.join(args.out_dir, "best.pt")
     ckpt = best if os.path.isfile(best) else os.path.join(args.out_dir, "ckpt.pt")
     return f"python sample.py --ckpt {ckpt}" + (f" {PRESET_SAMPLING[args.preset]}" if args.preset else "")
+
+
+def stop_message(args, r: SimpleNamespace, why: str) -> str:
+    """The last line of a stopped run: a signal means 'not finished' (resume); a spent time budget is the end that
+    the preset plans, so the next step of the README's flow comes first."""
+    resume = f"python train.py --resume --out-dir {args.out_dir}"
+    return (f"\n{why}: saved {args.out_dir}/ckpt.pt at epoch {r.epoch + 1}, step {r.step}; " +
+            (f"next: {next_command(args)} (or train on: {resume})" if why == "time budget" else f"continue with: {resume}"))
 
 
 def train(args) -> ContextUnet:
@@ -524,16 +534,17 @@ def train(args) -> ContextUnet:
                                 run_left=fmt_time(time_left(args, t_start, r.step - step0, args.epochs * n_batches - r.step)))
                 if r.step - step0 == 3 and rank == 0 and device.type == "cpu":  # said once, after a few steps
                     warn_cpu_time(args, bar, (time.time() - t_start) / 3, args.epochs * n_batches - r.step, n_batches)
-                if stop_now:
-                    checkpoint(r)
-                    why = stop["signal"] or ("time budget" if time_up else "another process stopped")
-                    say(f"\n{why}: saved {args.out_dir}/ckpt.pt at epoch {r.epoch + 1}, step {r.step}; next: "
-                        f"{next_command(args)} (or train on: python train.py --resume --out-dir {args.out_dir})")
+                if stop_now:  # at a spent time budget (the preset's planned end) the last state is scored too
+                    val_acc = checkpoint(r, evaluate=time_up and bool(eval_every))
+                    if rank == 0:
+                        log_epoch(r, log, r.epoch + r.batch / n_batches, time.time() - t_epoch, loss_sum / loss_count,
+                                  loss_count, t_start, val_acc, 0)
+                    say(stop_message(args, r, stop["signal"] or ("time budget" if time_up else "another process stopped")))
                     return r.model
             r.epoch, r.batch, r.perm = r.epoch + 1, 0, None
-            val_acc = checkpoint(r, evaluate=bool(eval_every) and r.epoch % eval_every == 0)
+            val_acc = checkpoint(r, evaluate=bool(eval_every) and (r.epoch % eval_every == 0 or r.epoch == args.epochs))
             if rank == 0:
-                log_epoch(r, log, time.time() - t_epoch, loss_sum / max(loss_count, 1), loss_count, t_start, val_acc,
+                log_epoch(r, log, r.epoch, time.time() - t_epoch, loss_sum / max(loss_count, 1), loss_count, t_start, val_acc,
                           time_left(args, t_start, r.step - step0, (args.epochs - r.epoch) * n_batches))
             if rank == 0 and args.sample_every and (r.epoch % args.sample_every == 0 or r.epoch == args.epochs):
                 progress_grid(r)

@@ -24,4 +24,6 @@ def tiny_data(tmp_path_factory):
     import synthetic
     out = str(tmp_path_factory.mktemp("data") / "tiny")
     synthetic.render_dataset(out, scenes=12, seed=1, workers=1, truth_per_condition=2)
-    return out
+    yield out
+    # shared by every test: one that trained a judge into it (validation on, synthetic data) would change the others
+    assert not os.path.exists(os.path.join(out, "checkpoint.pth")), "a test trained a classifier into tiny_data"

@@ -168,11 +168,14 @@ def test_a_checkpoint_saved_in_nchw_resumes_in_channels_last_with_the_optimizer_
 
 
 def test_minutes_stops_at_a_step_boundary_saves_and_resumes_exactly(tiny_data, tmp_path):
-    preset = ["--preset", "cpu", "--data-dir", tiny_data, "--sample-every", "0", "--T", "20"]
+    preset = ["--preset", "cpu", "--data-dir", tiny_data, "--sample-every", "0", "--T", "20", "--eval-every", "0"]
     p = subprocess.run([sys.executable, "train.py", *preset, "--out-dir", str(tmp_path / "b"), "--epochs", "100000",
                         "--minutes", "0.1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "time budget: saved" in p.stdout and f"python train.py --resume --out-dir {tmp_path / 'b'}" in p.stdout
+    last = p.stdout.strip().splitlines()[-1]  # the preset's planned end: the README's next step comes first
+    assert f"next: python sample.py --ckpt {tmp_path / 'b' / 'ckpt.pt'} --w " in last
+    assert p.stdout.count("on this CPU: about") == 1 and "the 0.1-minute budget trains about" in p.stdout  # said once
     stopped = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)
     rows = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
     assert 0 < stopped["step"] and stopped["epoch"] < 100000

@@ -97,3 +97,13 @@ def test_on_the_courses_data_without_its_classifier_training_says_so_once_and_ca
     assert capsys.readouterr().out.count("no classifier at") == 1
     assert not (tmp_path / "run" / "best.pt").exists() and (tmp_path / "run" / "ckpt.pt").exists()
     assert not (data / "checkpoint.pth").exists()
+
+
+def test_a_spent_time_budget_scores_the_last_state_and_can_keep_it_as_best(tiny_data, tmp_path, monkeypatch):
+    # the preset's planned end is its time budget, inside an epoch: that state is scored too (with a cosine
+    # learning rate it is usually the best), and logged with its fraction of an epoch
+    best = run(tiny_data, tmp_path, monkeypatch, [0.7], "--minutes", "0.02", "--epochs", "100000", "--eval-every", "1000")
+    assert best["val_acc"] == 0.7 and best["step"] > 0
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert rows[-1]["val_acc"] == 0.7 and rows[-1]["step"] == best["step"]
+    assert all("val_acc" not in row for row in rows[:-1])
