@@ -184,7 +184,8 @@ def test_sampling_on_cuda_draws_what_the_cpu_draws_from_the_same_checkpoint_and_
     cpu, gpu = pngs(tmp_path / "cpu" / "test"), pngs(tmp_path / "gpu" / "test")
     diff = np.abs(cpu - gpu)
     print(f"{precision}: mean {diff.mean():.3f}, max {diff.max():.0f} levels")
-    assert diff.mean() < max_mean_diff and np.abs(cpu - cpu[::-1]).mean() > 4 * max_mean_diff  # images differ by condition
+    # and the tolerance is far below how much two different images of the split differ
+    assert diff.mean() < max_mean_diff and np.abs(cpu - cpu[::-1]).mean() > 4 * max_mean_diff
 
 
 def test_the_time_budget_and_sigterm_stop_a_cuda_run_cleanly_and_it_resumes(tiny_data, tmp_path):
