@@ -42,11 +42,11 @@ class Parser(argparse.ArgumentParser):
         super().__init__(formatter_class=HelpFormatter, **kw)
 
     def error(self, message):
-        flag, sep, rest = message.partition(": ")
-        action = self._option_string_actions.get(flag.removeprefix("argument ").split("/")[0])
-        if sep and action and isinstance(action.type, (Number, Numbers)):
+        flag, sep, rest = message.removeprefix("argument ").partition(": ")
+        action = self._option_string_actions.get(flag.split("/")[0])
+        if sep and action and isinstance(action.type, Number):  # Numbers is a Number too
             default = f" (default {action.default})" if action.default not in (None, argparse.SUPPRESS) else ""
-            message = f"{flag.removeprefix('argument ')} {rest}{default}"
+            message = f"{flag} {rest}{default}"
         print(f"error: {message}; see --help", file=sys.stderr)
         sys.exit(2)
 

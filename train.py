@@ -342,7 +342,8 @@ def prepare(args, rank: int, device: torch.device, prep_group, eval_every: int):
         judge = find_judge(args, args.data_dir, device) if eval_every and eval_every <= args.epochs else None
     if prep_group is not None:
         dist.barrier(group=prep_group)
-        args.data_dir = args.data_dir or DEFAULT_DATA_DIR
+    if rank != 0:
+        args.data_dir = prepare_data(args)  # the folder rank 0 found or rendered
     images, cond = loaded or load_train(args.data_dir, args.image_dir, args.image_size)  # the other ranks: the cache
     return images.to(device), cond.to(device), val_cond, judge  # the whole set on the device: no loader, no decode
 
