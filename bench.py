@@ -22,9 +22,10 @@ import tempfile
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
-from dataset import IMAGE_SIZE, POSITIVE_INT, SWITCH, Number, Parser, load_train, make_batch, read_image
+from dataset import COUNT, IMAGE_SIZE, POSITIVE_INT, SWITCH, Number, Parser, load_train, make_batch, read_image
 from device import DTYPES, PRECISIONS, resolve_device, resolve_precision, resolve_switch, setup_backends
 from model import ContextUnet, fold_batchnorm, save_checkpoint
 from sample import sample_images
@@ -57,6 +58,18 @@ def matmul_peak(device, precision: str = "fp32") -> float:
     timed(lambda: a @ b, device)
     # the best of several timings: a peak, so a moment of contention from elsewhere does not lower the bar
     return max(2 * n ** 3 / timed(lambda: a @ b, device, repeat=10 if device.type == "cuda" else 1) for _ in range(5))
+
+
+def profiled(fn, device, title: str, rows: int, repeat: int = 1) -> str:
+    """Where fn's time goes: torch.profiler's top rows by self time on the GPU (on a CPU, by the CPU's own)."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(repeat):
+            fn()
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=50)
+    return f"\n{title}, top {rows} operators by {key.replace('_total', '')}:\n{table}"
 
 
 def counted_flops(model, size, backward=False) -> float:
@@ -107,6 +120,8 @@ def make_parser():
     p.add_argument("--channels-last", default="auto", choices=["auto", "1", "0"], help="fast mode's layout (auto: on CUDA)")
     p.add_argument("--fused-adam", default="auto", choices=["auto", "1", "0"], help="fast mode's Adam (auto: on CUDA)")
     p.add_argument("--compile", type=SWITCH, default=0, help="1: add a column with the training step torch.compiled")
+    p.add_argument("--profile", type=COUNT, default=0, help="N > 0: after the table, the top N operators of 5 fast training "
+                                                            "steps and of one fast DDIM 50 draw (torch.profiler)")
     p.add_argument("--json", default=None, help="also write the figures here")
     return p
 
@@ -147,7 +162,7 @@ def run(args):
     modes = {"fast": (precision, cl, fused, False), "plain": ("fp32", False, False, False)}
     if args.compile:
         modes["compiled"] = (precision, cl, fused, True)
-    result = {}
+    result, profiles = {}, []
     for mode, (prec, channels_last, fused_adam, compiled) in modes.items():
         setup_backends(device, prec)  # plain: fp32 is float32, TF32 off
         peak = peaks[prec]  # the share of the peak in this row's own precision
@@ -168,6 +183,8 @@ def run(args):
             torch.cuda.reset_peak_memory_stats()
         per_step = timed(step, device, args.train_steps)
         res = {"train_img_s": args.batch_size / per_step, "train_mem_gib": peak_memory(device)}
+        if args.profile and mode == "fast":
+            profiles.append(profiled(step, device, f"{mode}: 5 training steps", args.profile, repeat=5))
         res["train_mfu"] = train_flops * res["train_img_s"] / peak
         with tempfile.TemporaryDirectory() as tmp:  # what train.py adds once an epoch: EMA statistics and the save
             def save():
@@ -188,6 +205,8 @@ def run(args):
             res[f"{sampler}_s"] = seconds
             n_fwd = min(steps, args.T) * 64  # 32 conditional + 32 unconditional forwards per step
             res[f"{sampler}_mfu"] = flops * n_fwd / seconds / peak
+            if args.profile and mode == "fast" and sampler == "ddim":
+                profiles.append(profiled(draw, device, f"{mode}: one DDIM 50 draw of 32 images", args.profile))
         result[mode] = res
 
     # one epoch of input pipeline alone: device-resident uint8 gather vs DataLoader decoding PNGs
@@ -234,6 +253,7 @@ def run(args):
         fmt = (lambda v: f"{100 * v:9.1f}%") if unit == "" else (lambda v: f"{v:10.3f}" if v < 100 else f"{v:10.0f}")
         extra = f" {fmt(result['compiled'][key])}" if key in result.get("compiled", {}) else ""
         print(f"{label + (' (' + unit + ')' if unit else ''):48s} {fmt(f)} {fmt(pl)} {gain:9.2f}x{extra}")
+    print("".join(profiles), end="")
     if device.type == "cpu":
         print("(on CPU the resident-memory figure is the whole process's peak so far, not per mode)")
     if args.json:

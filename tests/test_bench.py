@@ -17,10 +17,13 @@ def test_bench_times_train_py_step_and_plain_is_float32_nchw_without_tf32(monkey
     monkeypatch.setattr(bench, "train_step", spy)
     try:
         bench.main(["--image-size", "16", "--n-feat", "8", "--batch-size", "8", "--train-steps", "2", "--no-sample",
-                    "--data-dir", "/nonexistent", "--precision", "bf16", "--channels-last", "1"])
+                    "--data-dir", "/nonexistent", "--precision", "bf16", "--channels-last", "1", "--profile", "4"])
     finally:
         torch.backends.cudnn.allow_tf32 = True
     assert ("bf16", True, False, True) in seen  # fast: as asked
     assert ("fp32", False, True, False) in seen  # plain: float32, NCHW weights, TF32 off
     out = capsys.readouterr().out
     assert "EMA statistics + checkpoint, once an epoch" in out and "plain: fp32 (TF32 off), NCHW" in out
+    profile = out[out.index("fast: 5 training steps, top 4 operators by self_cpu_time"):]  # after the table
+    rules = [i for i, line in enumerate(profile.splitlines()) if line.startswith("-----")]
+    assert rules[2] - rules[1] - 1 == 4 and "convolution_backward" in profile  # 4 operators, the backward among them
