@@ -49,7 +49,7 @@ PRESETS = {
                 epochs=1000, eval_every=5, sample_every=5),
 }
 
-PRESET_SAMPLING = {"cpu": "--w 2"}  # the README's sampling command for each preset (w chosen on val)
+PRESET_SAMPLING = {"cpu": "--w 3"}  # the README's sampling command for each preset (w chosen on val)
 
 
 def make_parser(with_defaults: bool = True):
