@@ -26,7 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from dataset import COUNT, IMAGE_SIZE, POSITIVE_INT, SWITCH, Number, Parser, load_train, make_batch, read_image
-from device import DTYPES, PRECISIONS, resolve_device, resolve_precision, resolve_switch, setup_backends
+from device import DTYPES, PRECISIONS, cpu_has_amx, resolve_device, resolve_precision, resolve_switch, setup_backends
 from model import ContextUnet, fold_batchnorm, save_checkpoint
 from sample import sample_images
 from schedule import ddpm_schedules
@@ -53,7 +53,8 @@ def matmul_peak(device, precision: str = "fp32") -> float:
     """FLOP/s of a large square matrix product in the given precision (bf16, fp16 or fp32 as each row runs; fp32
     with TF32 off, as setup_backends leaves it for fp32): each row's share is of the peak it could reach."""
     n = 8192 if device.type == "cuda" else 2048
-    dtype = DTYPES[precision] if device.type == "cuda" else torch.float32  # a CPU's half matmuls are not its peak
+    # a CPU's half-precision matmuls are emulated (not its peak), except bf16 on AMX matrix units
+    dtype = DTYPES[precision] if device.type == "cuda" or (precision == "bf16" and cpu_has_amx()) else torch.float32
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     timed(lambda: a @ b, device)
     # the best of several timings: a peak, so a moment of contention from elsewhere does not lower the bar
@@ -117,7 +118,7 @@ def make_parser():
                                                                "takes most of an hour to sample a split)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="fast mode's precision (plain is fp32)")
-    p.add_argument("--channels-last", default="auto", choices=["auto", "1", "0"], help="fast mode's layout (auto: on CUDA)")
+    p.add_argument("--channels-last", default="auto", choices=["auto", "1", "0"], help="fast mode's layout (auto: on CUDA and AMX CPUs)")
     p.add_argument("--fused-adam", default="auto", choices=["auto", "1", "0"], help="fast mode's Adam (auto: on CUDA)")
     p.add_argument("--compile", type=SWITCH, default=0, help="1: add a column with the training step torch.compiled")
     p.add_argument("--profile", type=COUNT, default=0, help="N > 0: after the table, the top N operators of 5 fast training "
@@ -139,7 +140,7 @@ def run(args):
         args.image_size, args.n_feat, args.batch_size, args.T, args.train_steps = 32, 32, 32, 100, 5
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
-    cl = resolve_switch(args.channels_last, device, "--channels-last")
+    cl = resolve_switch(args.channels_last, device, "--channels-last", on_cpu=cpu_has_amx())
     fused = resolve_switch(args.fused_adam, device, "--fused-adam")
     torch.manual_seed(0)
     model = ContextUnet(n_feat=args.n_feat, image_size=args.image_size)

@@ -2,7 +2,8 @@
 switches that go with them, so train.py, sample.py, bench.py and evaluator.py always agree.
 
 precision "auto": bf16 on GPUs that support it (Ampere and later), fp16 with a gradient scaler on older GPUs (T4,
-V100, RTX 20xx), fp32 on the CPU. Every precision also runs on the CPU, so the tests execute each path.
+V100, RTX 20xx); on a CPU, bf16 where it has AMX matrix units, else fp32. Every precision also runs on the CPU, so
+the tests execute each path.
 """
 import os
 
@@ -33,23 +34,31 @@ def has_bf16(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
+def cpu_has_amx() -> bool:
+    """AMX matrix units (Intel Xeon from Sapphire Rapids on): there oneDNN runs bf16 convolutions at about twice fp32's
+    speed (measured in docs/RESULTS.md). Other CPUs emulate bf16 or lack the wide units, so fp32 stays their choice."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # torch's own probe; private, so absent means no
+    return bool(probe and probe())
+
+
 def resolve_precision(name: str, device: torch.device) -> str:
     """'auto' -> bf16, fp16 or fp32 as the device allows; an explicit choice is checked against the device."""
     if name not in PRECISIONS:
         raise UserError(f"--precision {name}: not a precision; use {', '.join(PRECISIONS)}")
     if name == "auto":
         if device.type != "cuda":
-            return "fp32"
+            return "bf16" if device.type == "cpu" and cpu_has_amx() else "fp32"
         return "bf16" if has_bf16(device) else "fp16"
     if name == "bf16" and device.type == "cuda" and not has_bf16(device):
         raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bf16; use fp16 or auto")
     return name
 
 
-def resolve_switch(value, device: torch.device, flag: str) -> bool:
-    """A speed switch given as auto, 1 or 0: 'auto' is on for CUDA (where it pays) and off on the CPU."""
+def resolve_switch(value, device: torch.device, flag: str, on_cpu: bool = False) -> bool:
+    """A speed switch given as auto, 1 or 0: 'auto' is on for CUDA (where it pays), and on a CPU only where on_cpu
+    says it was measured to pay there."""
     if str(value) == "auto":
-        return device.type == "cuda"
+        return device.type == "cuda" or (device.type == "cpu" and on_cpu)
     if str(value) in ("0", "1"):
         return str(value) == "1"
     raise UserError(f"{flag} {value}: use auto, 1 or 0")

@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from dataset import (COUNT, IMAGE_SIZE, POSITIVE, POSITIVE_INT, PROBABILITY, SWITCH, Number, Parser, UserError, draw_val,
                      ensure_writable, load_conditions, load_objects, load_train, make_batch, read_json, run_cli, to_float)
-from device import PRECISIONS, autocast, grad_scaler, resolve_device, resolve_precision, resolve_switch, setup_backends
+from device import (PRECISIONS, autocast, cpu_has_amx, grad_scaler, resolve_device, resolve_precision, resolve_switch,
+                    setup_backends)
 from evaluate import plot_curves
 from evaluator import ensure_classifier, evaluation_model
 from model import ContextUnet, count_params, save_checkpoint
@@ -92,7 +93,7 @@ def make_parser(with_defaults: bool = True):
     p.add_argument("--device", default=d("auto"), help="auto, cpu or cuda")
     p.add_argument("--precision", default=d("auto"), choices=PRECISIONS,
                    help="auto: bf16 on GPUs that have it, fp16 + gradient scaling on older GPUs, fp32 on CPU")
-    p.add_argument("--channels-last", default=d("auto"), choices=["auto", "1", "0"], help="NHWC memory layout (auto: on CUDA)")
+    p.add_argument("--channels-last", default=d("auto"), choices=["auto", "1", "0"], help="NHWC memory layout (auto: on CUDA and AMX CPUs)")
     p.add_argument("--fused-adam", default=d("auto"), choices=["auto", "1", "0"], help="one fused Adam kernel (auto: on CUDA)")
     p.add_argument("--compile", type=SWITCH, default=d(0), help="1: torch.compile the network (slower start, faster steps)")
     p.add_argument("--deterministic", type=SWITCH, default=d(0), help="1: deterministic kernels only, for bit-exact "
@@ -495,7 +496,7 @@ def train(args) -> ContextUnet:
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size}: the global batch must divide among {world} processes")
     precision = resolve_precision(args.precision, device)
-    channels_last = resolve_switch(args.channels_last, device, "--channels-last")
+    channels_last = resolve_switch(args.channels_last, device, "--channels-last", on_cpu=cpu_has_amx())
     fused = resolve_switch(args.fused_adam, device, "--fused-adam")
     eval_every = (10 if device.type == "cuda" else 0) if args.eval_every is None else args.eval_every
     setup_backends(device, precision, args.deterministic)

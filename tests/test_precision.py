@@ -134,8 +134,21 @@ def test_auto_precision_follows_the_cards_compute_capability(monkeypatch, capabi
             resolve_precision("bf16", gpu)
     else:
         assert resolve_precision("bf16", gpu) == "bf16"
-    assert resolve_precision("auto", CPU) == "fp32"
     assert resolve_precision("fp16", CPU) == "fp16"  # every precision runs on the CPU too
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_auto_on_a_cpu_means_bf16_and_channels_last_only_with_amx(monkeypatch, amx, tiny_data, tmp_path, capsys):
+    # torch's own probe decides; a training run then says what it resolved to on its first line
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert resolve_precision("auto", CPU) == ("bf16" if amx else "fp32")
+    assert device_module.resolve_switch("auto", CPU, "--channels-last", on_cpu=device_module.cpu_has_amx()) is amx
+    assert device_module.resolve_switch("auto", CPU, "--fused-adam") is False  # never measured on a CPU: off
+    train.train(train.get_args(["--data-dir", tiny_data, "--out-dir", str(tmp_path), *TINY, "--epochs", "1"]))
+    first = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("ContextUnet:"))
+    assert ("device cpu, bf16, channels_last" in first) if amx else ("device cpu, fp32" in first and "channels" not in first)
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert not device_module.cpu_has_amx()  # a build without the private probe counts as no AMX
 
 
 def test_setup_backends_has_its_docstring():
