@@ -44,8 +44,9 @@ PRESETS = {
     # A CPU has few optimizer steps to spend, so the preset buys steps (32x32 images, batches of 16, lr 1e-3) and
     # spends them where the condition is decided: Min-SNR with g = 1 takes the weight off the nearly clean steps, and
     # the condition also shapes the bottleneck. Width 32: at equal time, half the steps of width 16 and better
-    # (capacity, not steps, held width 16 back). Budgeted by time: a faster machine trains more steps. Samples are
-    # upsampled to 64x64, as the classifier saw a quarter of its training images. Measured in docs/RESULTS.md.
+    # (capacity, not steps, held width 16 back). Budgeted by time: a faster machine trains more steps, and a CPU with
+    # AMX trains about twice as many (auto precision is bf16 there, with channels_last). Samples are upsampled to
+    # 64x64, as the classifier saw a quarter of its training images. Measured in docs/RESULTS.md.
     "cpu": dict(image_size=32, n_feat=32, batch_size=16, lr=1e-3, min_snr=1.0, cond_bottleneck=1, minutes=25.0,
                 epochs=1000, eval_every=5, sample_every=5),
 }
