@@ -116,7 +116,7 @@ def make_parser():
     p.add_argument("--seed", type=COUNT, default=0, help="noise seed; same seed, same images")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of their moving average")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: bf16 or fp16 on a GPU, fp32 on CPU")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: bf16 or fp16 on a GPU; bf16 on a CPU with AMX, else fp32")
     return p
 
 

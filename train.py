@@ -93,7 +93,8 @@ def make_parser(with_defaults: bool = True):
                                                          "synthetic set trained there first if missing)")
     p.add_argument("--device", default=d("auto"), help="auto, cpu or cuda")
     p.add_argument("--precision", default=d("auto"), choices=PRECISIONS,
-                   help="auto: bf16 on GPUs that have it, fp16 + gradient scaling on older GPUs, fp32 on CPU")
+                   help="auto: bf16 on GPUs that have it, fp16 + gradient scaling on older GPUs; bf16 on CPUs with "
+                        "AMX, else fp32")
     p.add_argument("--channels-last", default=d("auto"), choices=["auto", "1", "0"], help="NHWC memory layout (auto: on CUDA and AMX CPUs)")
     p.add_argument("--fused-adam", default=d("auto"), choices=["auto", "1", "0"], help="one fused Adam kernel (auto: on CUDA)")
     p.add_argument("--compile", type=SWITCH, default=d(0), help="1: torch.compile the network (slower start, faster steps)")
