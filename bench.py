@@ -26,7 +26,8 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from dataset import COUNT, IMAGE_SIZE, POSITIVE_INT, SWITCH, Number, Parser, load_train, make_batch, read_image
-from device import DTYPES, PRECISIONS, cpu_has_amx, resolve_device, resolve_precision, resolve_switch, setup_backends
+from device import (DTYPES, PRECISIONS, cpu_has_amx, resolve_channels_last, resolve_device, resolve_precision,
+                    resolve_switch, setup_backends)
 from model import ContextUnet, fold_batchnorm, save_checkpoint
 from sample import sample_images
 from schedule import ddpm_schedules
@@ -140,7 +141,7 @@ def run(args):
         args.image_size, args.n_feat, args.batch_size, args.T, args.train_steps = 32, 32, 32, 100, 5
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
-    cl = resolve_switch(args.channels_last, device, "--channels-last", on_cpu=cpu_has_amx())
+    cl = resolve_channels_last(args.channels_last, device)
     fused = resolve_switch(args.fused_adam, device, "--fused-adam")
     torch.manual_seed(0)
     model = ContextUnet(n_feat=args.n_feat, image_size=args.image_size)

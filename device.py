@@ -64,6 +64,11 @@ def resolve_switch(value, device: torch.device, flag: str, on_cpu: bool = False)
     raise UserError(f"{flag} {value}: use auto, 1 or 0")
 
 
+def resolve_channels_last(value, device: torch.device) -> bool:
+    """--channels-last: auto is on for CUDA and for a CPU with AMX, where it was measured with bf16 (docs/RESULTS.md)."""
+    return resolve_switch(value, device, "--channels-last", on_cpu=cpu_has_amx())
+
+
 def autocast(device: torch.device, precision: str):
     """The autocast context for a resolved precision: fp32 runs with autocast off."""
     return torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32")

@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 from dataset import (COUNT, IMAGE_SIZE, POSITIVE, POSITIVE_INT, PROBABILITY, SWITCH, Number, Parser, UserError, draw_val,
                      ensure_writable, load_conditions, load_objects, load_train, make_batch, read_json, run_cli, to_float)
-from device import (PRECISIONS, autocast, cpu_has_amx, grad_scaler, resolve_device, resolve_precision, resolve_switch,
-                    setup_backends)
+from device import (PRECISIONS, autocast, grad_scaler, resolve_channels_last, resolve_device, resolve_precision,
+                    resolve_switch, setup_backends)
 from evaluate import plot_curves
 from evaluator import ensure_classifier, evaluation_model
 from model import ContextUnet, count_params, save_checkpoint
@@ -498,7 +498,7 @@ def train(args) -> ContextUnet:
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size}: the global batch must divide among {world} processes")
     precision = resolve_precision(args.precision, device)
-    channels_last = resolve_switch(args.channels_last, device, "--channels-last", on_cpu=cpu_has_amx())
+    channels_last = resolve_channels_last(args.channels_last, device)
     fused = resolve_switch(args.fused_adam, device, "--fused-adam")
     eval_every = (10 if device.type == "cuda" else 0) if args.eval_every is None else args.eval_every
     setup_backends(device, precision, args.deterministic)

@@ -142,7 +142,7 @@ def test_auto_on_a_cpu_means_bf16_and_channels_last_only_with_amx(monkeypatch, a
     # torch's own probe decides; a training run then says what it resolved to on its first line
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     assert resolve_precision("auto", CPU) == ("bf16" if amx else "fp32")
-    assert device_module.resolve_switch("auto", CPU, "--channels-last", on_cpu=device_module.cpu_has_amx()) is amx
+    assert device_module.resolve_channels_last("auto", CPU) is amx
     assert device_module.resolve_switch("auto", CPU, "--fused-adam") is False  # never measured on a CPU: off
     train.train(train.get_args(["--data-dir", tiny_data, "--out-dir", str(tmp_path), *TINY, "--epochs", "1"]))
     first = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("ContextUnet:"))
