@@ -17,7 +17,6 @@ import copy
 import json
 import os
 import platform
-import resource
 import tempfile
 import time
 
@@ -25,10 +24,12 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
-from dataset import COUNT, IMAGE_SIZE, POSITIVE_INT, SWITCH, Number, Parser, load_train, make_batch, read_image
+from cli import COUNT, IMAGE_SIZE, POSITIVE_INT, SWITCH, Number, Parser
+from dataset import load_train, make_batch, read_image
 from device import (DTYPES, PRECISIONS, cpu_has_amx, resolve_channels_last, resolve_device, resolve_precision,
                     resolve_switch, setup_backends)
-from model import ContextUnet, fold_batchnorm, save_checkpoint
+from model import ContextUnet, fold_batchnorm
+from rundir import save_checkpoint
 from sample import sample_images
 from schedule import ddpm_schedules
 from train import bn_batches, make_trainer, refresh_bn_stats, train_step
@@ -89,6 +90,10 @@ def peak_memory(device) -> float:
     """GiB: GPU memory on CUDA (reset between measurements), the process's peak resident memory on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2 ** 30
+    try:
+        import resource  # POSIX only: on Windows the CPU's peak is not read
+    except ImportError:
+        return float("nan")
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
@@ -159,8 +164,9 @@ def run(args):
     n_images = max(1024, 4 * args.batch_size)  # random uint8 images, gathered from the device as train.py does
     images = torch.randint(0, 256, (n_images, 3, args.image_size, args.image_size), dtype=torch.uint8, device=device)
     cond = (torch.rand(n_images, 24, device=device) < 0.08).float()
-    hp = argparse.Namespace(n_feat=args.n_feat, image_size=args.image_size, lr=1e-4, hflip=1, drop_prob=0.1, ema_decay=0.999,
-                            cond_bottleneck=0, min_snr=0, lr_schedule="constant", warmup_steps=0, minutes=0)
+    hp = argparse.Namespace(n_feat=args.n_feat, image_size=args.image_size, batch_size=args.batch_size, lr=1e-4, hflip=1,
+                            drop_prob=0.1, ema_decay=0.999, cond_bottleneck=0, min_snr=0, lr_schedule="constant",
+                            warmup_steps=0, minutes=0, seed=0)
     modes = {"fast": (precision, cl, fused, False), "plain": ("fp32", False, False, False)}
     if args.compile:
         modes["compiled"] = (precision, cl, fused, True)

@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from dataset import UserError
+from cli import UserError
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

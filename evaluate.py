@@ -9,17 +9,17 @@ DATA_DIR/checkpoint.pth). On the synthetic set the classifier is this project's 
 first if missing); on the course's data, put the course's checkpoint.pth in the data folder or pass --classifier.
 """
 import json
-import math
 import os
 import time
 from collections import Counter
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from dataset import (COLORS, POSITIVE_INT, SHAPES, Numbers, Parser, UserError, encode, load_objects, read_image, read_json,
-                     run_cli, to_float)
+from cli import POSITIVE_INT, Numbers, Parser, UserError, run_cli
+from dataset import COLORS, SHAPES, encode, load_objects, read_image, read_json, to_float
 from device import resolve_device
+from rundir import data_dir_of, plot_curves, read_checkpoint
 from evaluator import ensure_classifier, evaluation_model, frechet_distance, load_truth, topk_hits
 
 
@@ -118,52 +118,6 @@ def sweep(args, judge, data_dir, objects, names, splits) -> None:
         json.dump(table, f, indent=1)
 
 
-def plot_curves(run_dir: str, width: int = 720, height: int = 400) -> str:
-    """RUN_DIR/curves.png from RUN_DIR/metrics.jsonl: training loss (left axis) and validation accuracy (right
-    axis, 0 to 1) against epoch, drawn with Pillow. Returns the path."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no metrics log; pass the folder train.py wrote (its --out-dir)")
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    rows = list({r["epoch"]: r for r in rows}.values())  # a resumed run may log an epoch again: the last one counts
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    left, right, top, bottom = 60, width - 60, 30, height - 40
-    draw.rectangle([left, top, right, bottom], outline="black")
-    epochs = [r["epoch"] for r in rows] or [1]
-    e0, e1 = min(epochs), max(max(epochs), min(epochs) + 1)
-    losses = [r["loss"] for r in rows]
-    l0, l1 = (min(losses), max(losses)) if losses else (0.0, 1.0)
-    l1 = l1 if l1 > l0 else l0 + 1e-3
-    x = lambda e: left + (e - e0) / (e1 - e0) * (right - left)
-    y = lambda v, lo, hi: bottom - (v - lo) / (hi - lo) * (bottom - top)
-    first, last = math.ceil(e0), math.floor(e1)  # a run stopped inside an epoch logs a fraction
-    for e in range(first, last + 1, max(1, -(-(last - first) // 6))):  # whole epochs below
-        draw.line([x(e), bottom, x(e), bottom + 4], fill="black")
-        draw.text((x(e) - 8, bottom + 6), str(e), fill="black")
-    for i in range(6):  # loss on the left, accuracy on the right
-        v, a = l0 + i * (l1 - l0) / 5, i / 5
-        draw.text((4, y(v, l0, l1) - 5), f"{v:.4f}", fill=(31, 119, 180))
-        draw.text((right + 6, y(a, 0, 1) - 5), f"{a:.1f}", fill=(214, 39, 40))
-    draw.text(((left + right) // 2 - 15, height - 16), "epoch", fill="black")
-    loss_pts = [(x(r["epoch"]), y(r["loss"], l0, l1)) for r in rows]
-    val_pts = [(x(r["epoch"]), y(r["val_acc"], 0, 1)) for r in rows if r.get("val_acc") is not None]
-    for pts, colour in ((loss_pts, (31, 119, 180)), (val_pts, (214, 39, 40))):
-        if len(pts) > 1:
-            draw.line(pts, fill=colour, width=2)
-        for px, py in pts:
-            draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
-    draw.text((left + 8, 8), "training loss (left axis)", fill=(31, 119, 180))
-    best = max((r["val_acc"] for r in rows if r.get("val_acc") is not None), default=None)
-    draw.text((left + 220, 8), "validation accuracy (right axis)" + (f", best {best:.3f}" if best is not None else
-                                                                     ": none measured"), fill=(214, 39, 40))
-    out = os.path.join(run_dir, "curves.png")
-    img.save(out + ".tmp.png")
-    os.replace(out + ".tmp.png", out)
-    return out
-
-
 README_PICTURES = {  # docs/ name: where it comes from (the run folder, or the data folder for the contact sheet)
     "preset_test.png": "samples/test_grid.png", "preset_new_test.png": "samples/new_test_grid.png",
     "preset_denoise_strip.png": "samples/denoise_strip.png", "preset_curves.png": "curves.png",
@@ -215,14 +169,11 @@ def get_args(argv=None):
 
 
 def find_data_dir(args) -> str:
+    """--data-dir, else the folder the checkpoint was trained on."""
     if args.data_dir:
-        return args.data_dir
-    if os.path.isfile(args.ckpt):
-        try:
-            return torch.load(args.ckpt, map_location="cpu", weights_only=False)["config"]["data_dir"]
-        except Exception as e:
-            raise UserError(f"{args.ckpt}: unreadable checkpoint ({type(e).__name__}); pass --data-dir instead")
-    raise UserError(f"{args.ckpt}: checkpoint not found, so the data folder is unknown; pass --data-dir")
+        return data_dir_of(None, args.ckpt, args.data_dir)
+    missing = "checkpoint not found, so the data folder is unknown; pass --data-dir (or --ckpt)"
+    return data_dir_of(read_checkpoint(args.ckpt, missing), args.ckpt)
 
 
 def run(args) -> dict:

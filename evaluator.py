@@ -5,22 +5,33 @@ weights and images: images (N, 3, 64, 64) in [-1, 1], labels (N, 24) multi-hot. 
 the hits are how many of the classifier's k highest outputs are true; accuracy = sum(hits) / sum(k).
 
 `python evaluator.py --train --data-dir DIR` trains the same architecture on a data folder (our synthetic set, where
-the course's weights cannot be used) and saves it in the course's format {'model': state_dict}.
+the course's weights cannot be used) and saves it in the course's format {'model': state_dict}, plus 'blocks': the
+residual blocks per stage. The course's network is ResNet18 (2, 2, 2, 2); the judge of the synthetic set is by default
+its shallower sibling ResNet10 (1, 1, 1, 1), half the compute, as accurate there (docs/RESULTS.md).
 """
 import os
 import time
 
 import torch
 import torch.nn as nn
-import torchvision
+from torchvision.models.resnet import BasicBlock, ResNet
 
-from dataset import COUNT, POSITIVE, POSITIVE_INT, Number, Parser, run_cli, N_CLASSES, UserError, load_conditions, load_objects, load_train, read_image, to_float
+from cli import COUNT, POSITIVE, POSITIVE_INT, Number, Parser, UserError, run_cli
+from dataset import N_CLASSES, load_conditions, load_objects, load_train, read_image, to_float
 from device import autocast, resolve_device, resolve_precision
 
 
-def build_classifier() -> nn.Module:
-    """torchvision's resnet18, no pretrained weights, fc replaced by Linear(512, 24) + Sigmoid (SPEC section 2)."""
-    net = torchvision.models.resnet18(weights=None)
+CLASSIFIER_TIME = {  # the default judge on the synthetic set, measured (docs/RESULTS.md)
+    "cpu": "about 8 minutes on 2 CPU cores with AMX, in bf16; in fp32 on a CPU without AMX, twice that or more",
+    "cuda": "under a minute on a GPU"}
+RESNET18 = (2, 2, 2, 2)  # residual blocks per stage: torchvision's resnet18, the course's judge
+DEPTHS = {"10": (1, 1, 1, 1), "18": RESNET18}
+
+
+def build_classifier(blocks=RESNET18) -> nn.Module:
+    """torchvision's ResNet with these blocks per stage (resnet18's by default), no pretrained weights, fc replaced by
+    Linear(512, 24) + Sigmoid (SPEC section 2)."""
+    net = ResNet(BasicBlock, list(blocks))
     net.fc = nn.Sequential(nn.Linear(512, N_CLASSES), nn.Sigmoid())
     return net
 
@@ -53,9 +64,9 @@ class evaluation_model:
             raise UserError(f"{checkpoint_path}: classifier weights not found; put the course's checkpoint.pth there "
                             f"or pass --classifier PATH (for the synthetic set: python evaluator.py --train)")
         try:
-            state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)["model"]
-            self.resnet18 = build_classifier()
-            self.resnet18.load_state_dict(state)
+            saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+            self.resnet18 = build_classifier(saved.get("blocks", RESNET18))  # the course's file: resnet18
+            self.resnet18.load_state_dict(saved["model"])
         except Exception as e:  # any unpickling or shape error means the file is not the course's classifier
             raise UserError(f"{checkpoint_path}: not a readable classifier checkpoint ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:120]}); expected torch.save({{'model': resnet18 state_dict}})")
@@ -136,7 +147,7 @@ def load_truth(data_dir: str, split: str, objects: dict, all_renders: bool = Fal
 def train_classifier(args) -> None:
     import json
     from tqdm import tqdm
-    from model import save_checkpoint
+    from rundir import save_checkpoint
     args.out = args.out or os.path.join(args.data_dir, "checkpoint.pth")
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
@@ -148,17 +159,17 @@ def train_classifier(args) -> None:
     held_scenes = set(sorted(set(scenes))[:: max(2, round(1 / args.val_fraction))])
     val = torch.tensor([s in held_scenes for s in scenes])
     x_train, y_train, x_val, y_val = images[~val], cond[~val], images[val], cond[val]
-    print(f"classifier: {len(x_train)} training images, {len(x_val)} held-out images from {len(held_scenes)} scenes, "
-          f"device {device}")
+    print(f"classifier: ResNet{args.depth}, {len(x_train)} training images, {len(x_val)} held-out images from "
+          f"{len(held_scenes)} scenes, {args.epochs} epochs, device {device}")
 
-    net = build_classifier().to(device, memory_format=torch.channels_last)  # faster convolutions, CPU and GPU
+    blocks = DEPTHS[args.depth]
+    net = build_classifier(blocks).to(device, memory_format=torch.channels_last)  # faster convolutions, CPU and GPU
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
     bs = min(args.batch_size, len(x_train))
     steps_per_epoch = len(x_train) // bs
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.epochs * steps_per_epoch)
-    # bf16 on GPUs that have it (fp16 would need a scaler here); a CPU judge trains in fp32 even with AMX, as the judge
-    # behind every CPU figure in docs/RESULTS.md was trained
-    precision = "bf16" if device.type == "cuda" and resolve_precision("auto", device) == "bf16" else "fp32"
+    # bf16 where auto says so (GPUs that have it, CPUs with AMX); else fp32 (fp16 would need a scaler here)
+    precision = "bf16" if resolve_precision("auto", device) == "bf16" else "fp32"
     t0 = time.time()
     for epoch in range(args.epochs):
         net.train()
@@ -175,7 +186,9 @@ def train_classifier(args) -> None:
             loss.backward()
             opt.step()
             sched.step()
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            done = epoch * steps_per_epoch + i + 1
+            left = (time.time() - t0) / done * (args.epochs * steps_per_epoch - done)
+            bar.set_postfix(loss=f"{loss.item():.4f}", all_left=tqdm.format_interval(left))  # every epoch's, not this one's
         net.eval()
         with torch.no_grad():
             probs = torch.cat([net(b.to(device, memory_format=torch.channels_last)).float().cpu()
@@ -183,7 +196,7 @@ def train_classifier(args) -> None:
         hits, ks = topk_hits(probs, y_val)
         tqdm.write(f"classifier epoch {epoch + 1}: held-out top-k accuracy {sum(hits) / sum(ks):.4f}")
     minutes = (time.time() - t0) / 60
-    save_checkpoint({"model": net.state_dict()}, args.out)
+    save_checkpoint({"model": net.state_dict(), "blocks": list(blocks)}, args.out)
     judge = evaluation_model(args.out, device)
     print(f"held-out scenes: top-k accuracy {judge.eval(to_float(x_val), y_val):.4f} ({len(x_val)} images)")
     objects = load_objects(args.data_dir)
@@ -191,7 +204,7 @@ def train_classifier(args) -> None:
         truth = load_truth(args.data_dir, split, objects)
         if truth is not None:
             print(f"ground-truth renders of {split}: top-k accuracy {judge.eval(*truth):.4f}")
-    print(f"saved {args.out} after {args.epochs} epochs in {minutes:.1f} min on {device}")
+    print(f"saved {args.out} after {args.epochs} epochs in {minutes:.1f} min on {device} ({precision})")
 
 
 def ensure_classifier(data_dir: str, classifier: str = None, device: str = "auto") -> str:
@@ -201,8 +214,8 @@ def ensure_classifier(data_dir: str, classifier: str = None, device: str = "auto
     path = classifier or os.path.join(data_dir, "checkpoint.pth")
     if classifier or os.path.isfile(path) or not os.path.isfile(os.path.join(data_dir, "synthetic.json")):
         return path
-    print(f"no classifier at {path}: the data is synthetic, so training one there first (once: about 20 minutes on "
-          f"2 CPU cores, a minute or two on a GPU)")
+    print(f"no classifier at {path}: the data is synthetic, so training one there first (once: "
+          f"{CLASSIFIER_TIME[resolve_device(device).type]})")
     train_classifier(make_parser().parse_args(["--train", "--data-dir", data_dir, "--out", path, "--device", device]))
     return path
 
@@ -213,7 +226,9 @@ def make_parser():
     p.add_argument("--data-dir", default="data/synthetic", help="i-CLEVR layout folder to train on")
     p.add_argument("--image-dir", default=None, help="image folder (default: DATA_DIR/iclevr)")
     p.add_argument("--out", default=None, help="where to save the weights (default: DATA_DIR/checkpoint.pth)")
-    p.add_argument("--epochs", type=POSITIVE_INT, default=12, help="training epochs")
+    p.add_argument("--epochs", type=POSITIVE_INT, default=16, help="training epochs")
+    p.add_argument("--depth", choices=list(DEPTHS), default="10",
+                   help="ResNet10 (one residual block per stage, half the compute) or ResNet18 (the course's)")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=128, help="batch size")
     p.add_argument("--lr", type=POSITIVE, default=2e-3, help="peak learning rate (one-cycle)")
     p.add_argument("--val-fraction", type=Number(float, 0, 1, lo_open=True, hi_open=True, what="a fraction in (0, 1)"),

@@ -1,11 +1,10 @@
 """The denoising network: a ContextUnet (residual conv blocks, 2 down / 3 up) that predicts the noise eps in x_t.
 
 The condition enters the decoder as `c_e * h + t_e`: a context embedding multiplies the feature map and a time
-embedding is added, as in the classifier-free guidance MNIST ContextUnet that report C started from. The model file
-also owns the checkpoint format, so that every script rebuilds the network from the checkpoint alone.
+embedding is added, as in the classifier-free guidance MNIST ContextUnet that report C started from. Its constructor
+arguments are saved in every checkpoint (`model.config`), so that every script rebuilds the network from the
+checkpoint alone.
 """
-import os
-
 import torch
 import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -125,15 +124,3 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def save_checkpoint(state: dict, path: str) -> None:
-    """Write to a temporary file in the same folder, then rename: a run killed at any instant leaves either the old
-    checkpoint or the new one, never half of one."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -17,10 +17,11 @@ import torchvision
 from PIL import Image
 from tqdm import tqdm
 
-from dataset import (COUNT, POSITIVE_INT, STRIP_CONDITION, Number, Parser, UserError, encode, ensure_writable,
-                     load_conditions, load_objects, run_cli, to_uint8)
+from cli import COUNT, POSITIVE_INT, Number, Parser, UserError, ensure_writable, run_cli
+from dataset import STRIP_CONDITION, encode, load_conditions, load_objects, to_uint8
 from device import PRECISIONS, autocast, resolve_device, resolve_precision, setup_backends
 from model import ContextUnet, fold_batchnorm
+from rundir import data_dir_of, read_checkpoint
 from schedule import ddim_step, ddpm_schedules, ddpm_step, guided_eps, timesteps
 
 
@@ -84,13 +85,11 @@ def save_grid(x: torch.Tensor, path: str, nrow: int = 8) -> None:
 
 def load_model(ckpt_path: str, device: torch.device, use_ema: bool = True):
     """Rebuild the network from a checkpoint alone. Returns (model, checkpoint dict)."""
-    if not os.path.isfile(ckpt_path):
-        raise UserError(f"{ckpt_path}: checkpoint not found; train first (python train.py) or pass --ckpt PATH")
+    ckpt = read_checkpoint(ckpt_path, "checkpoint not found; train first (python train.py) or pass --ckpt PATH")
     try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         model = ContextUnet(**ckpt["config"]["model"])
         model.load_state_dict(ckpt["ema" if use_ema else "model"])
-    except Exception as e:  # truncated file, foreign pickle, or weights of another configuration
+    except Exception as e:  # weights of another configuration
         raise UserError(f"{ckpt_path}: not a usable checkpoint of this project ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:150]}); retrain or point --ckpt at another file")
     model = fold_batchnorm(model.to(device).eval())  # sampling never trains it again
@@ -130,7 +129,7 @@ def run(args) -> None:
     setup_backends(device, precision)
     model, ckpt = load_model(args.ckpt, device, use_ema=not args.no_ema)
     cfg = ckpt["config"]
-    data_dir = args.data_dir or cfg["data_dir"]
+    data_dir = data_dir_of(ckpt, args.ckpt, args.data_dir)
     out_dir = args.out_dir or os.path.join(os.path.dirname(args.ckpt) or ".", "samples")
     ensure_writable(out_dir, "--out-dir")
     objects = load_objects(data_dir)

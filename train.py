@@ -15,7 +15,7 @@ import math
 import os
 import signal
 import time
-from types import SimpleNamespace
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -24,13 +24,14 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from dataset import (COUNT, IMAGE_SIZE, POSITIVE, POSITIVE_INT, PROBABILITY, SWITCH, Number, Parser, UserError, draw_val,
-                     ensure_writable, load_conditions, load_objects, load_train, make_batch, read_json, run_cli, to_float)
+from cli import (COUNT, IMAGE_SIZE, POSITIVE, POSITIVE_INT, PROBABILITY, SWITCH, Number, Parser, UserError,
+                 ensure_writable, run_cli)
+from dataset import draw_val, load_conditions, load_objects, load_train, make_batch, read_json, to_float
 from device import (PRECISIONS, autocast, grad_scaler, resolve_channels_last, resolve_device, resolve_precision,
                     resolve_switch, setup_backends)
-from evaluate import plot_curves
 from evaluator import ensure_classifier, evaluation_model
-from model import ContextUnet, count_params, save_checkpoint
+from model import ContextUnet, count_params
+from rundir import BEST, CKPT, METRICS, VAL, claim, plot_curves, read_checkpoint, save_checkpoint
 from sample import sample_images, save_grid, to_64
 from schedule import ddpm_schedules, q_sample
 
@@ -40,6 +41,8 @@ MODEL_KEYS = ("image_size", "n_feat", "T", "beta1", "beta2", "schedule", "cond_b
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)  # torch's default for a collective of the training steps
 PREPARE_TIMEOUT = datetime.timedelta(hours=3)  # the other ranks' wait while rank 0 renders, decodes, trains the judge
 BETA = Number(float, 0, 1, lo_open=True, hi_open=True, what="a noise variance in (0, 1)")
+N_FEAT = Number(int, lo=8, multiple=8, what="a multiple of 8 (the network's GroupNorms have 8 groups), such as 128")
+PATHS = ("data_dir", "image_dir", "classifier")  # stored absolute: a checkpoint finds its inputs from any folder
 PRESETS = {
     # A CPU has few optimizer steps to spend, so the preset buys steps (32x32 images, batches of 16, lr 1e-3) and
     # spends them where the condition is decided: Min-SNR with g = 1 takes the weight off the nearly clean steps, and
@@ -69,7 +72,7 @@ def make_parser(with_defaults: bool = True):
                    help="constant (report C), or cosine: from --lr to 0 over --minutes where set, else over --epochs")
     p.add_argument("--warmup-steps", type=COUNT, default=d(0), help="steps of linear learning-rate warm-up")
     p.add_argument("--image-size", type=IMAGE_SIZE, default=d(64), help="training resolution, divisible by 4")
-    p.add_argument("--n-feat", type=POSITIVE_INT, default=d(128), help="ContextUnet base width")
+    p.add_argument("--n-feat", type=N_FEAT, default=d(128), help="ContextUnet base width")
     p.add_argument("--T", type=Number(int, lo=2, what="an integer >= 2"), default=d(400), help="diffusion steps")
     p.add_argument("--beta1", type=BETA, default=d(1e-4), help="first beta of the schedule (below --beta2)")
     p.add_argument("--beta2", type=BETA, default=d(0.02), help="last beta of the schedule")
@@ -127,25 +130,37 @@ def prepare_data(args) -> str:
     if not os.path.isfile(os.path.join(DEFAULT_DATA_DIR, "train.json")):
         import synthetic
         print(f"no --data-dir given and no data at {DEFAULT_DATA_DIR}: rendering the synthetic i-CLEVR set there "
-              f"(once: about 6 minutes on 2 CPU cores)")
+              f"(once: {synthetic.RENDER_TIME})")
         synthetic.render_dataset(DEFAULT_DATA_DIR)
     return DEFAULT_DATA_DIR
 
 
-def resume_state(args, ckpt_path: str):
-    """Load the checkpoint to resume; settings not given on the command line come from it."""
-    if not os.path.isfile(ckpt_path):
-        raise UserError(f"{ckpt_path}: nothing to resume; drop --resume to start, or pass the run's --out-dir")
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        saved = ckpt["config"]
-    except Exception as e:
-        raise UserError(f"{ckpt_path}: unreadable checkpoint ({type(e).__name__}); it cannot be resumed")
-    for k, v in saved["train"].items():
+def first_run_plan(args, device: torch.device, validates: bool) -> str:
+    """What a first run does once before it trains, said before it starts, with each step's time measured on the
+    2-core CPU (docs/RESULTS.md), so that a user knows the wait before it begins; None when there is nothing to do."""
+    import synthetic
+    from evaluator import CLASSIFIER_TIME
+    data_dir = args.data_dir or DEFAULT_DATA_DIR
+    render = not args.data_dir and not os.path.isfile(os.path.join(DEFAULT_DATA_DIR, "train.json"))
+    judge = (validates and not args.classifier and not os.path.isfile(os.path.join(data_dir, "checkpoint.pth"))
+             and (render or os.path.isfile(os.path.join(data_dir, "synthetic.json"))))
+    steps = ([f"render the synthetic set into {DEFAULT_DATA_DIR} ({synthetic.RENDER_TIME})"] if render else []) + \
+            ([f"train its classifier, which scores the validation list ({CLASSIFIER_TIME[device.type]})"] if judge else [])
+    if not steps:
+        return None
+    return ("first run here, once before training: " + "; then ".join(f"{i + 1}) {s}" for i, s in enumerate(steps)) +
+            "; each shows its time left as it goes")
+
+
+def resume_state(args, ckpt_path: str) -> dict:
+    """Load the checkpoint to resume; settings not given on the command line come from it, except where the run's
+    files go: that is the folder the checkpoint is read from (a moved run goes on where it now is)."""
+    ckpt = read_checkpoint(ckpt_path, "nothing to resume; drop --resume to start, or pass the run's --out-dir")
+    for k, v in ckpt["config"]["train"].items():
         if k in args.explicit and k in MODEL_KEYS and getattr(args, k) != v:
             raise UserError(f"{ckpt_path}: --{k.replace('_', '-')} {getattr(args, k)} differs from the checkpoint's "
                             f"{v}; drop the flag to resume, or use a new --out-dir to start over")
-        if k not in args.explicit and k != "resume":
+        if k not in args.explicit and k not in ("resume", "out_dir"):
             setattr(args, k, v)
     return ckpt
 
@@ -226,62 +241,124 @@ def match_optimizer_layout(opt: torch.optim.Optimizer) -> None:
                     opt.state[p][k] = torch.empty_like(p).copy_(v)  # empty_like keeps p's memory format
 
 
-def agree(loss: torch.Tensor, stop: bool, world: int, clock: float = 0.0):
+def agree(loss: torch.Tensor, signal: bool, world: int, clock: float = 0.0):
     """The one host sync of a step. Under torchrun every rank learns the mean loss, whether any rank's loss is not
-    finite, whether any rank must stop (a signal, the time budget), and rank 0's clock (the others pass 0), which a
-    time-budgeted learning rate follows: all ranks act alike on the same step, and none is left waiting in a
-    collective. Returns (mean loss, or nan/inf if any rank's is not finite; stop; rank 0's clock)."""
-    v = torch.tensor([0.0, 0.0, float(stop), clock], device=loss.device)
+    finite, whether any rank got a signal, and rank 0's clock (the others pass 0), which the time budget and a
+    time-budgeted learning rate follow: all ranks act alike on the same step, for the same reason, and none is left
+    waiting in a collective. Returns (mean loss, or nan if any rank's is not finite; any signal; rank 0's clock)."""
+    v = torch.tensor([0.0, 0.0, float(signal), clock], device=loss.device)
     v[:2] = torch.stack([loss.detach().float(), (~torch.isfinite(loss.detach())).float()])
     if dist.is_initialized():
         dist.all_reduce(v)  # sums: any rank's flag makes the sum positive
-    loss_sum, not_finite, stops, clock = v.tolist()
-    return (loss_sum / world if not not_finite else float("nan")), stops > 0, clock
+    loss_sum, not_finite, signals, clock = v.tolist()
+    return (loss_sum / world if not not_finite else float("nan")), signals > 0, clock
 
 
-def learning_rate(r, step: int, clock: float) -> float:
+def learning_rate(args, total_steps: int, step: int, clock: float) -> float:
     """This step's lr: constant (report C), or a cosine from --lr down to 0 over the run (over --minutes of this
-    invocation's clock where a time budget is set, else over its epochs), after --warmup-steps of linear warm-up."""
-    lr = r.lr * min(1.0, (step + 1) / r.warmup_steps) if r.warmup_steps else r.lr
-    if r.lr_schedule == "cosine":
-        progress = clock / (60 * r.minutes) if r.minutes else step / r.total_steps
+    invocation's clock where a time budget is set, else over its total_steps), after --warmup-steps of linear warm-up."""
+    lr = args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
+    if args.lr_schedule == "cosine":
+        progress = clock / (60 * args.minutes) if args.minutes else step / total_steps
         lr *= 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     return lr
 
 
+@dataclass
+class Trainer:
+    """The training state, one explicit type: what train_step reads and moves on, and what a checkpoint holds
+    (to_checkpoint) and brings back (restore). make_trainer builds it; bench.py builds it the same way."""
+    args: argparse.Namespace        # the run's settings: lr and its schedule, drop_prob, hflip, ema_decay, min_snr, minutes
+    model: nn.Module                # the plain network: what checkpoints save
+    ema: nn.Module                  # the moving average of its weights, used for sampling
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler    # fp16's loss scaling; a disabled no-op otherwise
+    images: torch.Tensor            # (N, 3, S, S) uint8, on the device
+    cond: torch.Tensor              # (N, 24) multi-hot, on the device
+    sched: dict                     # the ddpm_schedules table, on the device
+    precision: str                  # fp32, bf16 or fp16: the autocast of the steps
+    channels_last: bool
+    net: nn.Module = None           # what the steps run: the model, compiled and/or under DDP (the model until wrap)
+    rank: int = 0
+    world: int = 1
+    bs: int = 0                     # this rank's share of a global batch
+    total_steps: int = 0            # of the whole run, for a learning rate scheduled by steps
+    data_gen: torch.Generator = None  # the epochs' data order, the same on every rank
+    config: dict = None             # what a checkpoint records of the run (run_config)
+    val_cond: torch.Tensor = None   # (V, 24) the validation list
+    judge: object = None            # the classifier that scores it (None: not measured)
+    # where the run is, saved in every checkpoint
+    epoch: int = 0                  # epochs done
+    batch: int = 0                  # batches of the current epoch done
+    step: int = 0                   # optimizer steps done
+    perm: torch.Tensor = None       # the current epoch's order (None: drawn when the epoch starts)
+    best_val: float = None          # the best validation accuracy so far (best.pt's)
+
+    def to_checkpoint(self, ranks: list, val_acc) -> dict:
+        """The checkpoint of this state: ranks holds every rank's RNG states."""
+        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
+                "scaler": self.scaler.state_dict(), "epoch": self.epoch, "batch": self.batch, "step": self.step,
+                "perm": None if self.perm is None else self.perm.cpu(),  # on the CPU: a CUDA checkpoint loads anywhere
+                "best_val": self.best_val, "val_acc": val_acc, "config": self.config,
+                "rng": {"data": self.data_gen.get_state(), "ranks": ranks}}
+
+    def restore(self, ckpt: dict) -> None:
+        """Continue where the checkpoint stopped: weights, EMA, Adam, the scaler, the position and every RNG. Adam
+        keeps the flavour this run resolved (fused or not): load_state_dict would bring back the saved run's."""
+        self.model.load_state_dict(ckpt["model"])
+        self.ema.load_state_dict(ckpt["ema"])
+        flavour = [{k: g[k] for k in ("fused", "foreach", "capturable", "differentiable") if k in g}
+                   for g in self.opt.param_groups]
+        self.opt.load_state_dict({**ckpt["optimizer"], "param_groups": [
+            {**saved, **now} for saved, now in zip(ckpt["optimizer"]["param_groups"], flavour)]})
+        match_optimizer_layout(self.opt)
+        if ckpt.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.epoch, self.batch, self.step, self.best_val = ckpt["epoch"], ckpt["batch"], ckpt["step"], ckpt.get("best_val")
+        self.perm = None if ckpt["perm"] is None else ckpt["perm"].to(self.images.device)
+        self.data_gen.set_state(ckpt["rng"]["data"])
+        if len(ckpt["rng"]["ranks"]) == self.world:  # each rank's own noise stream (reseeded if the world size changed)
+            own = ckpt["rng"]["ranks"][self.rank]
+            torch.set_rng_state(own["cpu"])
+            if self.images.device.type == "cuda" and own["cuda"] is not None:
+                torch.cuda.set_rng_state(own["cuda"])
+
+
 def make_trainer(args, device: torch.device, precision: str, channels_last: bool, fused: bool, images: torch.Tensor,
-                 cond: torch.Tensor, sched: dict) -> SimpleNamespace:
-    """Everything train_step needs, built the way train.py builds it (bench.py builds it here too): the network, its
-    EMA copy, Adam, the fp16 gradient scaler, the device-resident uint8 images (N, 3, S, S) and conditions (N, 24)."""
+                 cond: torch.Tensor, sched: dict) -> Trainer:
+    """The state at step 0, built the way train.py builds it (bench.py builds it here too): the network, its EMA
+    copy, Adam, the fp16 gradient scaler, the device-resident uint8 images (N, 3, S, S) and conditions (N, 24)."""
     model = ContextUnet(3, args.n_feat, cond.shape[1], args.image_size, bool(args.cond_bottleneck)).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    return SimpleNamespace(net=model, model=model, ema=ema, opt=torch.optim.Adam(model.parameters(), lr=args.lr, fused=fused),
-                           scaler=grad_scaler(device, precision), images=images, cond=cond, sched=sched,
-                           hflip=args.hflip, drop_prob=args.drop_prob, ema_decay=args.ema_decay, precision=precision,
-                           channels_last=channels_last, min_snr=args.min_snr, lr=args.lr, lr_schedule=args.lr_schedule,
-                           warmup_steps=args.warmup_steps, minutes=args.minutes, total_steps=None, world=1, rank=0)
+    return Trainer(args=args, model=model, ema=ema, opt=torch.optim.Adam(model.parameters(), lr=args.lr, fused=fused),
+                   scaler=grad_scaler(device, precision), images=images, cond=cond, sched=sched, precision=precision,
+                   channels_last=channels_last, net=model, bs=min(args.batch_size, len(images)),
+                   data_gen=torch.Generator().manual_seed(args.seed))
 
 
-def train_step(r, idx: torch.Tensor, step: int, stop: bool, clock: float = 0.0):
+def train_step(r: Trainer, idx: torch.Tensor, step: int, signal: bool = False, clock: float = 0.0):
     """One optimizer step as train.py runs it (bench.py times this same function): gather this rank's batch, the
     loss, the agreement between ranks, backward (scaled in fp16), Adam, EMA. No weight moves when any rank's loss
     is not finite; a step the fp16 scaler skips (inf gradients) is not that: the scaler lowers its scale and goes on.
-    clock: seconds since training started (rank 0's counts). Returns (mean loss over ranks, whether to stop now)."""
-    x0 = make_batch(r.images, idx, r.hflip)  # (B, 3, S, S) in [-1, 1]
-    loss = diffusion_loss(r.net, x0, r.cond[idx], r.sched, r.drop_prob, r.precision, r.channels_last, r.min_snr)
-    loss_value, stop, clock = agree(loss, stop, r.world, clock if r.rank == 0 else 0.0)
+    signal: this rank got one; clock: seconds since training started (rank 0's is the one that counts). Returns
+    (mean loss over ranks, whether a signal reached any rank, whether --minutes is spent on rank 0's clock)."""
+    x0 = make_batch(r.images, idx, r.args.hflip)  # (B, 3, S, S) in [-1, 1]
+    loss = diffusion_loss(r.net, x0, r.cond[idx], r.sched, r.args.drop_prob, r.precision, r.channels_last,
+                          r.args.min_snr)
+    loss_value, signalled, clock = agree(loss, signal, r.world, clock if r.rank == 0 else 0.0)
+    time_up = bool(r.args.minutes) and clock >= 60 * r.args.minutes  # the shared clock: every rank decides alike
     if not math.isfinite(loss_value):
-        return loss_value, stop
+        return loss_value, signalled, time_up
     for group in r.opt.param_groups:
-        group["lr"] = learning_rate(r, step, clock)
+        group["lr"] = learning_rate(r.args, r.total_steps, step, clock)
     r.opt.zero_grad(set_to_none=True)
     r.scaler.scale(loss).backward()
     r.scaler.step(r.opt)
     r.scaler.update()
-    ema_update(r.ema, r.model, min(r.ema_decay, (2 + step) / (11 + step)))  # warm-up for short runs
-    return loss_value, stop
+    ema_update(r.ema, r.model, min(r.args.ema_decay, (2 + step) / (11 + step)))  # warm-up for short runs
+    return loss_value, signalled, time_up
 
 
 def setup_distributed(device_name: str):
@@ -308,11 +385,12 @@ def shard(perm: torch.Tensor, batch: int, per_rank: int, rank: int, world: int) 
     return perm[start:start + per_rank]
 
 
-def load_val(data_dir: str, out_dir: str, objects: dict):
+def load_val(data_dir: str, out_dir: str, objects: dict, resume: bool):
     """The validation list: DATA_DIR/val.json (the synthetic set writes one), else 64 object sets drawn from
-    train.json with a fixed seed and written to OUT_DIR/val.json (in-distribution: they are training sets)."""
-    path = os.path.join(out_dir, "val.json")
-    if not os.path.isfile(os.path.join(data_dir, "val.json")) and not os.path.isfile(path):
+    train.json with a fixed seed and written to OUT_DIR/val.json (in-distribution: they are training sets) when a
+    run starts; a resumed run reads its own."""
+    path = os.path.join(out_dir, VAL)
+    if not os.path.isfile(os.path.join(data_dir, VAL)) and not (resume and os.path.isfile(path)):
         exclude = [read_json(os.path.join(data_dir, f"{s}.json"), "condition list") for s in ("test", "new_test")
                    if os.path.isfile(os.path.join(data_dir, f"{s}.json"))]
         val = draw_val(list(read_json(os.path.join(data_dir, "train.json"), "train.json").values()), exclude)
@@ -339,9 +417,12 @@ def prepare(args, rank: int, device: torch.device, prep_group, eval_every: int):
     Returns the device-resident images (N, 3, S, S) uint8 and conditions (N, 24), val_cond (V, 24) and the judge."""
     loaded, val_cond, judge = None, None, None
     if rank == 0:
+        plan = first_run_plan(args, device, bool(eval_every) and eval_every <= args.epochs)
+        if plan:
+            print(plan)
         args.data_dir = prepare_data(args)
         loaded = load_train(args.data_dir, args.image_dir, args.image_size)  # decodes the PNGs once, into the cache
-        _, val_cond = load_val(args.data_dir, args.out_dir, load_objects(args.data_dir))
+        _, val_cond = load_val(args.data_dir, args.out_dir, load_objects(args.data_dir), args.resume)
         judge = find_judge(args, args.data_dir, device) if eval_every and eval_every <= args.epochs else None
     if prep_group is not None:
         dist.barrier(group=prep_group)
@@ -357,28 +438,7 @@ def validate(ema: ContextUnet, val_cond: torch.Tensor, sched: dict, judge, preci
     return judge.eval(to_64(x0), val_cond)
 
 
-def restore(r: SimpleNamespace, ckpt: dict) -> None:
-    """Continue where the checkpoint stopped: weights, EMA, Adam, the scaler, the position in the epoch and every RNG.
-    Adam keeps the flavour this run resolved (fused or not): load_state_dict would bring back the saved run's."""
-    r.model.load_state_dict(ckpt["model"])
-    r.ema.load_state_dict(ckpt["ema"])
-    flavour = [{k: g[k] for k in ("fused", "foreach", "capturable", "differentiable") if k in g} for g in r.opt.param_groups]
-    r.opt.load_state_dict({**ckpt["optimizer"], "param_groups": [{**saved, **now} for saved, now in
-                                                                 zip(ckpt["optimizer"]["param_groups"], flavour)]})
-    match_optimizer_layout(r.opt)
-    if ckpt.get("scaler") and r.scaler.is_enabled():
-        r.scaler.load_state_dict(ckpt["scaler"])
-    r.epoch, r.batch, r.step, r.best_val = ckpt["epoch"], ckpt["batch"], ckpt["step"], ckpt.get("best_val")
-    r.perm = None if ckpt["perm"] is None else ckpt["perm"].to(r.images.device)
-    r.data_gen.set_state(ckpt["rng"]["data"])
-    if len(ckpt["rng"]["ranks"]) == r.world:  # each rank's own noise stream (reseeded if the world size changed)
-        own = ckpt["rng"]["ranks"][r.rank]
-        torch.set_rng_state(own["cpu"])
-        if r.images.device.type == "cuda" and own["cuda"] is not None:
-            torch.cuda.set_rng_state(own["cuda"])
-
-
-def checkpoint(r: SimpleNamespace, evaluate: bool = False):
+def checkpoint(r: Trainer, evaluate: bool = False):
     """Save r's state at its position (r.epoch, r.batch, r.step, r.perm): every rank's RNG, the EMA's own BatchNorm
     statistics, the validation score (with evaluate), then an atomic write; best.pt too when val is the best so far.
     Every rank calls it; returns the validation accuracy (None if not measured) on rank 0."""
@@ -391,19 +451,15 @@ def checkpoint(r: SimpleNamespace, evaluate: bool = False):
         ranks = [rng]
     if r.rank != 0:
         return None
-    refresh_bn_stats(r.ema, bn_batches(r.images, r.cond, r.sched, r.drop_prob, r.seed + r.step, min(1024, len(r.images)),
-                                       r.bs * r.world), r.precision, r.channels_last)
+    refresh_bn_stats(r.ema, bn_batches(r.images, r.cond, r.sched, r.args.drop_prob, r.args.seed + r.step,
+                                       min(1024, len(r.images)), r.bs * r.world), r.precision, r.channels_last)
     val_acc = validate(r.ema, r.val_cond, r.sched, r.judge, r.precision) if evaluate and r.judge else None
     is_best = val_acc is not None and (r.best_val is None or val_acc >= r.best_val)  # a tie keeps the later
     r.best_val = val_acc if is_best else r.best_val
-    state = {"model": r.model.state_dict(), "ema": r.ema.state_dict(), "optimizer": r.opt.state_dict(),
-             "scaler": r.scaler.state_dict(), "epoch": r.epoch, "batch": r.batch, "step": r.step,
-             "perm": None if r.perm is None else r.perm.cpu(),  # on the CPU: a CUDA checkpoint loads anywhere
-             "best_val": r.best_val, "val_acc": val_acc, "config": r.config,
-             "rng": {"data": r.data_gen.get_state(), "ranks": ranks}}
-    save_checkpoint(state, os.path.join(r.out_dir, "ckpt.pt"))
+    state = r.to_checkpoint(ranks, val_acc)
+    save_checkpoint(state, os.path.join(r.args.out_dir, CKPT))
     if is_best:
-        save_checkpoint(state, os.path.join(r.out_dir, "best.pt"))
+        save_checkpoint(state, os.path.join(r.args.out_dir, BEST))
     return val_acc
 
 
@@ -429,7 +485,7 @@ def release_signals(previous: dict) -> None:
         signal.signal(sig, handler)
 
 
-def log_epoch(r: SimpleNamespace, log, epoch: float, seconds: float, loss: float, steps: int, t_start: float, val_acc,
+def log_epoch(r: Trainer, log, epoch: float, seconds: float, loss: float, steps: int, t_start: float, val_acc,
               left: float):
     """One line of metrics.jsonl, the curves picture, and the epoch's line on the console (epoch: epochs done, with
     a fraction where a stop ends the run inside one)."""
@@ -438,17 +494,17 @@ def log_epoch(r: SimpleNamespace, log, epoch: float, seconds: float, loss: float
            **({"val_acc": val_acc} if val_acc is not None else {})}
     log.write(json.dumps(row) + "\n")
     log.flush()
-    plot_curves(r.out_dir)
-    tqdm.write(f"epoch {epoch:g}/{r.epochs}  loss {loss:.4f}  {row['images_per_s']:.0f} img/s"
+    plot_curves(r.args.out_dir)
+    tqdm.write(f"epoch {epoch:g}/{r.args.epochs}  loss {loss:.4f}  {row['images_per_s']:.0f} img/s"
                f"{f'  val {val_acc:.3f} (best {r.best_val:.3f})' if val_acc is not None else ''}  "
-               f"{fmt_time(left)} left  saved {r.out_dir}/ckpt.pt")
+               f"{fmt_time(left)} left  saved {os.path.join(r.args.out_dir, CKPT)}")
 
 
-def progress_grid(r: SimpleNamespace) -> None:
+def progress_grid(r: Trainer) -> None:
     """A quick DDIM grid of the first 32 validation conditions, with its own RNG: training is untouched."""
     x0, _ = sample_images(r.ema, r.val_cond[:32], r.sched, w=0.5, sampler="ddim", steps=50, seed=0, precision=r.precision)
-    os.makedirs(os.path.join(r.out_dir, "progress"), exist_ok=True)
-    save_grid(to_64(x0), os.path.join(r.out_dir, "progress", f"epoch_{r.epoch:04d}.png"))
+    os.makedirs(os.path.join(r.args.out_dir, "progress"), exist_ok=True)
+    save_grid(to_64(x0), os.path.join(r.args.out_dir, "progress", f"epoch_{r.epoch:04d}.png"))
 
 
 def time_left(args, t_start: float, steps_done: int, steps_left: int) -> float:
@@ -477,16 +533,17 @@ def warn_cpu_time(args, bar, per_step: float, steps_left: int, n_batches: int) -
 
 def next_command(args) -> str:
     """The README's next step after training: sample the best checkpoint where validation kept one."""
-    best = os.path.join(args.out_dir, "best.pt")
-    ckpt = best if os.path.isfile(best) else os.path.join(args.out_dir, "ckpt.pt")
+    best = os.path.join(args.out_dir, BEST)
+    ckpt = best if os.path.isfile(best) else os.path.join(args.out_dir, CKPT)
     return f"python sample.py --ckpt {ckpt}" + (f" {PRESET_SAMPLING[args.preset]}" if args.preset else "")
 
 
-def stop_message(args, r: SimpleNamespace, why: str) -> str:
+def stop_message(args, r: Trainer, why: str) -> str:
     """The last line of a stopped run: a signal means 'not finished' (resume); a spent time budget is the end that
     the preset plans, so the next step of the README's flow comes first."""
     resume = f"python train.py --resume --out-dir {args.out_dir}"
-    return (f"\n{why}: saved {args.out_dir}/ckpt.pt at epoch {r.epoch + 1}, step {r.step}; " +
+    where = f"{r.epoch} epochs done" + (f", {r.batch} batches into the next" if r.batch else "")
+    return (f"\n{why}: saved {os.path.join(args.out_dir, CKPT)} at step {r.step} ({where}); " +
             (f"next: {next_command(args)} (or train on: {resume})" if why == "time budget" else f"continue with: {resume}"))
 
 
@@ -494,7 +551,8 @@ def train(args) -> ContextUnet:
     """Train as args say; returns the trained network (the plain module, as in the checkpoint)."""
     rank, world, device, prep_group = setup_distributed(args.device)
     say = print if rank == 0 else (lambda *a, **k: None)  # only rank 0 speaks and writes checkpoints, logs and grids
-    ckpt = resume_state(args, os.path.join(args.out_dir, "ckpt.pt")) if args.resume else None
+    claim(args.out_dir, args.resume)  # a folder holds one run: nothing is written over another
+    ckpt = resume_state(args, os.path.join(args.out_dir, CKPT)) if args.resume else None
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size}: the global batch must divide among {world} processes")
     precision = resolve_precision(args.precision, device)
@@ -507,19 +565,19 @@ def train(args) -> ContextUnet:
     torch.manual_seed(args.seed + rank)  # noise, t and condition drops differ per rank; the epoch order does not
     sched = {k: v.to(device) for k, v in ddpm_schedules(args.beta1, args.beta2, args.T, args.schedule).items()}
     r = make_trainer(args, device, precision, channels_last, fused, images, cond, sched)
-    r.__dict__.update(rank=rank, world=world, bs=min(args.batch_size, len(images)) // world, val_cond=val_cond,
-                      judge=judge, out_dir=args.out_dir, epochs=args.epochs, seed=args.seed, epoch=0, batch=0, step=0,
-                      perm=None, best_val=None, data_gen=torch.Generator().manual_seed(args.seed), config=run_config(args, r))
-    if ckpt:
-        restore(r, ckpt)
-        say(f"resuming {args.out_dir}/ckpt.pt at epoch {r.epoch}, batch {r.batch}, step {r.step}")
-    r.net = wrap(r.model, args.compile, device)
+    r.rank, r.world, r.bs, r.val_cond, r.judge = rank, world, r.bs // world, val_cond, judge
     n_batches = len(images) // (r.bs * world)  # the ragged last batch is dropped: BatchNorm dislikes tiny batches
-    r.total_steps = args.epochs * n_batches
+    r.total_steps, r.config = args.epochs * n_batches, run_config(args, r)
+    if ckpt:
+        r.restore(ckpt)
+        if r.batch >= n_batches:  # saved on an epoch's last batch (by an older version): that epoch is done
+            r.epoch, r.batch, r.perm = r.epoch + 1, 0, None
+        say(f"resuming {os.path.join(args.out_dir, CKPT)} at epoch {r.epoch}, batch {r.batch}, step {r.step}")
+    r.net = wrap(r.model, args.compile, device)
     say(describe(args, r, device, n_batches))
     stop = {"signal": None}
     previous_handlers = catch_signals(stop)
-    log = open(os.path.join(args.out_dir, "metrics.jsonl"), "a") if rank == 0 else None
+    log = open(os.path.join(args.out_dir, METRICS), "a") if rank == 0 else None
     t_start, step0, loss_sum, loss_count = time.time(), r.step, 0.0, 0
     try:
         while r.epoch < args.epochs:
@@ -528,9 +586,8 @@ def train(args) -> ContextUnet:
             bar = tqdm(range(r.batch, n_batches), desc=f"epoch {r.epoch + 1}/{args.epochs}", leave=False, disable=rank != 0)
             t_epoch, loss_sum, loss_count = time.time(), 0.0, 0
             for batch in bar:
-                time_up = bool(args.minutes) and time.time() - t_start >= 60 * args.minutes
-                loss_value, stop_now = train_step(r, shard(r.perm, batch, r.bs, rank, world), r.step,
-                                                  bool(stop["signal"]) or time_up, time.time() - t_start)
+                loss_value, signalled, time_up = train_step(r, shard(r.perm, batch, r.bs, rank, world), r.step,
+                                                            bool(stop["signal"]), time.time() - t_start)
                 if not math.isfinite(loss_value):  # checked before the update, on every rank: no weight is touched
                     raise UserError(f"loss became {loss_value} at epoch {r.epoch + 1}, step {r.step + 1}; "
                                     f"{args.out_dir}/ckpt.pt still holds the last good state: lower --lr and resume with --resume")
@@ -539,12 +596,17 @@ def train(args) -> ContextUnet:
                                 run_left=fmt_time(time_left(args, t_start, r.step - step0, args.epochs * n_batches - r.step)))
                 if r.step - step0 == 3 and rank == 0 and device.type == "cpu":  # said once, after a few steps
                     warn_cpu_time(args, bar, (time.time() - t_start) / 3, args.epochs * n_batches - r.step, n_batches)
-                if stop_now:  # at a spent time budget (the preset's planned end) the last state is scored too
-                    val_acc = checkpoint(r, evaluate=time_up and bool(eval_every))
+                if signalled or time_up:  # at a spent time budget (the preset's planned end) the last state is scored too
+                    epoch_done = r.batch == n_batches  # then the resume starts the next epoch, not an empty one
+                    if epoch_done:
+                        r.epoch, r.batch, r.perm = r.epoch + 1, 0, None
+                    evaluate = bool(eval_every) and (time_up or epoch_done and (r.epoch % eval_every == 0 or
+                                                                                r.epoch == args.epochs))
+                    val_acc = checkpoint(r, evaluate)
                     if rank == 0:
                         log_epoch(r, log, r.epoch + r.batch / n_batches, time.time() - t_epoch, loss_sum / loss_count,
                                   loss_count, t_start, val_acc, 0)
-                    say(stop_message(args, r, stop["signal"] or ("time budget" if time_up else "another process stopped")))
+                    say(stop_message(args, r, "time budget" if time_up else stop["signal"] or "another process stopped"))
                     return r.model
             r.epoch, r.batch, r.perm = r.epoch + 1, 0, None
             val_acc = checkpoint(r, evaluate=bool(eval_every) and (r.epoch % eval_every == 0 or r.epoch == args.epochs))
@@ -560,18 +622,21 @@ def train(args) -> ContextUnet:
         if dist.is_initialized():
             dist.destroy_process_group()
     say(f"done: {r.epoch} epochs, {r.step} steps in {(time.time() - t_start) / 60:.1f} min, final loss "
-        f"{loss_sum / max(loss_count, 1):.4f}; checkpoint {args.out_dir}/ckpt.pt; next: {next_command(args)}")
+        f"{loss_sum / max(loss_count, 1):.4f}; checkpoint {os.path.join(args.out_dir, CKPT)}; next: {next_command(args)}")
     return r.model
 
 
-def run_config(args, r: SimpleNamespace) -> dict:
-    """What a checkpoint records of the run: the network's constructor arguments, the noise process, every setting."""
-    return {"model": r.model.config, "data_dir": args.data_dir, "T": args.T, "beta1": args.beta1, "beta2": args.beta2,
-            "schedule": args.schedule,
-            "train": {k: v for k, v in vars(args).items() if k not in ("explicit", "resume", "device")}}
+def run_config(args, r: Trainer) -> dict:
+    """What a checkpoint records of the run: the network's constructor arguments, the noise process, every setting.
+    Input paths are stored absolute, so that sample.py and evaluate.py find the data from any folder; out_dir is
+    recorded but never read back (a run's files are where its checkpoint is)."""
+    train = {k: v for k, v in vars(args).items() if k not in ("explicit", "resume", "device")}
+    train.update({k: os.path.abspath(train[k]) for k in PATHS if train.get(k)})
+    return {"model": r.model.config, "data_dir": train["data_dir"], "T": args.T, "beta1": args.beta1,
+            "beta2": args.beta2, "schedule": args.schedule, "train": train}
 
 
-def describe(args, r: SimpleNamespace, device: torch.device, n_batches: int) -> str:
+def describe(args, r: Trainer, device: torch.device, n_batches: int) -> str:
     """The run's first line: the network, the data, the step, the device and its switches."""
     return (f"ContextUnet: {count_params(r.model) / 1e6:.2f}M parameters, {args.image_size}px, n_feat {args.n_feat}; "
             f"{len(r.images)} images from {args.data_dir}; {n_batches} steps/epoch of {r.bs * r.world}"

@@ -13,7 +13,7 @@ import evaluator
 import sample
 import synthetic
 import train
-from dataset import Number, Numbers
+from cli import Number, Numbers
 
 TINY = ["--image-size", "16", "--n-feat", "8", "--batch-size", "12", "--T", "20", "--sample-every", "0"]
 
@@ -159,7 +159,9 @@ def test_every_numeric_option_of_every_script_has_a_checked_range(capsys):
     (train, ["--batch-size", "0"], "--batch-size 0: must be a positive integer (default 128)"),
     (train, ["--lr", "-1"], "--lr -1: must be a number > 0"),
     (train, ["--T", "0"], "--T 0: must be an integer >= 2"),
-    (train, ["--n-feat", "0"], "--n-feat 0: must be a positive integer"),
+    (train, ["--n-feat", "0"], "--n-feat 0: must be a multiple of 8"),
+    (train, ["--n-feat", "12"], "--n-feat 12: must be a multiple of 8 (the network's GroupNorms have 8 groups), such as "
+                                "128 (default 128)"),
     (train, ["--drop-prob", "1.5"], "--drop-prob 1.5: must be a probability in [0, 1] (default 0.1)"),
     (train, ["--ema-decay", "1.5"], "--ema-decay 1.5: must be a decay in [0, 1) (default 0.999)"),
     (train, ["--beta2", "2"], "--beta2 2: must be a noise variance in (0, 1)"),

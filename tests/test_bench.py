@@ -26,4 +26,20 @@ def test_bench_times_train_py_step_and_plain_is_float32_nchw_without_tf32(monkey
     assert "EMA statistics + checkpoint, once an epoch" in out and "plain: fp32 (TF32 off), NCHW" in out
     profile = out[out.index("fast: 5 training steps, top 4 operators by self_cpu_time"):]  # after the table
     rules = [i for i, line in enumerate(profile.splitlines()) if line.startswith("-----")]
-    assert rules[2] - rules[1] - 1 == 4 and "convolution_backward" in profile  # 4 operators, the backward among them
+    # 4 operator rows, each named; which operators they are is the platform's choice (oneDNN or a slow fallback)
+    rows = profile.splitlines()[rules[1] + 1:rules[2]]
+    assert len(rows) == 4 and all(row.split()[0] for row in rows)
+
+
+def test_bench_starts_where_the_platform_has_no_resource_module(monkeypatch):
+    """Windows has no `resource`: bench.py must still import and run, with the CPU's peak memory unknown."""
+    import importlib
+    import sys
+    monkeypatch.setitem(sys.modules, "resource", None)  # import resource now raises ImportError
+    fresh = importlib.reload(bench)
+    try:
+        value = fresh.peak_memory(torch.device("cpu"))
+        assert value != value  # nan: not measured
+    finally:
+        monkeypatch.undo()
+        importlib.reload(bench)

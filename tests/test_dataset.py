@@ -8,7 +8,8 @@ from PIL import Image
 
 import dataset
 from conftest import SHARED_ICLEVR
-from dataset import UserError, encode, load_conditions, load_objects, load_train, object_names, read_image
+from cli import UserError
+from dataset import encode, load_conditions, load_objects, load_train, object_names, read_image
 
 
 @pytest.mark.skipif(not os.path.isdir(SHARED_ICLEVR), reason="the course's JSON files are not beside the checkout")

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from dataset import UserError
+from cli import UserError
 from evaluator import build_classifier, evaluation_model, topk_hits
 
 
@@ -65,6 +65,28 @@ def test_random_checkpoint_in_course_format_scores_exactly_as_the_course_code(co
     ours = evaluation_model(path, "cpu").eval(images, labels)
     assert ours == course_score(net, images, labels)
     assert 0 <= ours <= 1
+
+
+def test_the_default_classifier_is_torchvisions_resnet18_so_the_course_weights_load_as_they_are():
+    import torchvision
+    reference = torchvision.models.resnet18(weights=None)
+    reference.fc = torch.nn.Sequential(torch.nn.Linear(512, 24), torch.nn.Sigmoid())
+    ours = build_classifier().state_dict()
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in reference.state_dict().items()}
+
+
+def test_a_resnet10_judge_records_its_blocks_and_is_read_back_as_trained(tmp_path):
+    torch.manual_seed(0)
+    net = build_classifier((1, 1, 1, 1)).eval()
+    assert not any(k.startswith("layer1.1.") for k in net.state_dict())  # one block per stage
+    path = tmp_path / "judge.pth"
+    torch.save({"model": net.state_dict(), "blocks": [1, 1, 1, 1]}, path)
+    g = torch.Generator().manual_seed(2)
+    images = torch.rand(8, 3, 64, 64, generator=g) * 2 - 1
+    labels = torch.zeros(8, 24)
+    labels[torch.arange(8), torch.arange(8)] = 1
+    judge = evaluation_model(str(path), "cpu")
+    assert judge.eval(images, labels) == course_score(net, images, labels)
 
 
 def test_missing_or_corrupt_classifier_weights_are_a_user_error(tmp_path):

@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
-import model as model_module
+import rundir
 import train
-from dataset import UserError
+from cli import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--image-size", "16", "--n-feat", "8", "--batch-size", "12", "--T", "20", "--sample-every", "0"]
@@ -80,15 +80,15 @@ def test_a_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_last_checkpoi
 
 def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_intact(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    model_module.save_checkpoint({"step": 1}, path)
+    rundir.save_checkpoint({"step": 1}, path)
 
     def write_half_then_die(obj, f):
         f.write(b"half a checkpoint")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(model_module.torch, "save", write_half_then_die)
+    monkeypatch.setattr(rundir.torch, "save", write_half_then_die)
     with pytest.raises(KeyboardInterrupt):
-        model_module.save_checkpoint({"step": 2}, path)
+        rundir.save_checkpoint({"step": 2}, path)
     monkeypatch.undo()
     assert torch.load(path)["step"] == 1
 
@@ -193,14 +193,14 @@ def test_minutes_stops_at_a_step_boundary_saves_and_resumes_exactly(tiny_data, t
 def test_the_cosine_learning_rate_follows_its_closed_form_by_steps_or_by_the_clock():
     import math
     from types import SimpleNamespace
-    r = SimpleNamespace(lr=1e-3, lr_schedule="cosine", warmup_steps=10, minutes=0, total_steps=100)
-    assert math.isclose(train.learning_rate(r, 0, 0.0), 1e-4)  # warm-up: (0 + 1) / 10 of the cosine's start
-    assert math.isclose(train.learning_rate(r, 50, 999.0), 5e-4)  # half way by steps: the clock is ignored
-    assert train.learning_rate(r, 100, 0.0) < 1e-12
-    r.minutes = 2  # a time budget: the clock decides, half of 2 minutes is half way
-    assert math.isclose(train.learning_rate(r, 30, 60.0), 5e-4) and train.learning_rate(r, 30, 500.0) < 1e-12
-    r.lr_schedule, r.warmup_steps = "constant", 0
-    assert train.learning_rate(r, 77, 60.0) == 1e-3  # report C
+    args = SimpleNamespace(lr=1e-3, lr_schedule="cosine", warmup_steps=10, minutes=0)
+    assert math.isclose(train.learning_rate(args, 100, 0, 0.0), 1e-4)  # warm-up: (0 + 1) / 10 of the cosine's start
+    assert math.isclose(train.learning_rate(args, 100, 50, 999.0), 5e-4)  # half way by steps: the clock is ignored
+    assert train.learning_rate(args, 100, 100, 0.0) < 1e-12
+    args.minutes = 2  # a time budget: the clock decides, half of 2 minutes is half way
+    assert math.isclose(train.learning_rate(args, 100, 30, 60.0), 5e-4) and train.learning_rate(args, 100, 30, 500.0) < 1e-12
+    args.lr_schedule, args.warmup_steps = "constant", 0
+    assert train.learning_rate(args, 100, 77, 60.0) == 1e-3  # report C
 
 
 def test_a_cosine_run_resumes_bit_for_bit_and_ends_near_zero(tiny_data, tmp_path, monkeypatch):

@@ -67,6 +67,7 @@ def test_an_object_is_drawn_in_its_colour():
     obj = {"name": "red cube", "color": "red", "shape": "cube", "size": "large", "r": 0.7, "material": "rubber",
            "angle": 0.3, "x": 0.0, "y": 0.5}
     img = synthetic.render([obj], view, rng).reshape(-1, 3).astype(int)
-    ids = synthetic.object_ids([obj], view).reshape(96, 2, 128, 2)[:, 0, :, 0].reshape(-1)
+    ss = synthetic.SS  # one id per pixel: the first ray of each pixel's SS x SS samples
+    ids = synthetic.object_ids([obj], view).reshape(96, ss, 128, ss)[:, 0, :, 0].reshape(-1)
     mean = img[ids == 0].mean(0)
     assert mean[0] > 2 * mean[1] and mean[0] > 2 * mean[2]  # red dominates on the cube's pixels
