@@ -19,7 +19,7 @@ from PIL import Image
 from cli import POSITIVE_INT, Numbers, Parser, UserError, run_cli
 from dataset import COLORS, SHAPES, encode, load_objects, read_image, read_json, to_float
 from device import resolve_device
-from rundir import data_dir_of, plot_curves, read_checkpoint
+from rundir import data_dir_of, plot_curves, read_checkpoint, samples_dir_of
 from evaluator import ensure_classifier, evaluation_model, frechet_distance, load_truth, topk_hits
 
 
@@ -182,7 +182,7 @@ def run(args) -> dict:
     if args.pictures:
         return print("wrote " + ", ".join(readme_pictures(args.pictures, find_data_dir(args), args.docs)))
     device = resolve_device(args.device)
-    args.samples_dir = args.samples_dir or os.path.join(os.path.dirname(args.ckpt) or ".", "samples")
+    args.samples_dir = args.samples_dir or samples_dir_of(args.ckpt)
     data_dir = find_data_dir(args)
     classifier = ensure_classifier(data_dir, args.classifier, args.device)  # trained first on the synthetic set if missing
     judge = evaluation_model(classifier, device)

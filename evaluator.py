@@ -5,33 +5,27 @@ weights and images: images (N, 3, 64, 64) in [-1, 1], labels (N, 24) multi-hot. 
 the hits are how many of the classifier's k highest outputs are true; accuracy = sum(hits) / sum(k).
 
 `python evaluator.py --train --data-dir DIR` trains the same architecture on a data folder (our synthetic set, where
-the course's weights cannot be used) and saves it in the course's format {'model': state_dict}, plus 'blocks': the
-residual blocks per stage. The course's network is ResNet18 (2, 2, 2, 2); the judge of the synthetic set is by default
-its shallower sibling ResNet10 (1, 1, 1, 1), half the compute, as accurate there (docs/RESULTS.md).
+the course's weights cannot be used) and saves it in the course's format {'model': state_dict}.
 """
 import os
 import time
 
 import torch
 import torch.nn as nn
-from torchvision.models.resnet import BasicBlock, ResNet
+import torchvision
 
 from cli import COUNT, POSITIVE, POSITIVE_INT, Number, Parser, UserError, run_cli
 from dataset import N_CLASSES, load_conditions, load_objects, load_train, read_image, to_float
 from device import autocast, resolve_device, resolve_precision
 
-
 CLASSIFIER_TIME = {  # the default judge on the synthetic set, measured (docs/RESULTS.md)
-    "cpu": "about 8 minutes on 2 CPU cores with AMX, in bf16; in fp32 on a CPU without AMX, twice that or more",
+    "cpu": "about 10 minutes on 2 CPU cores with AMX, in bf16; in fp32 on a CPU without AMX, twice that or more",
     "cuda": "under a minute on a GPU"}
-RESNET18 = (2, 2, 2, 2)  # residual blocks per stage: torchvision's resnet18, the course's judge
-DEPTHS = {"10": (1, 1, 1, 1), "18": RESNET18}
 
 
-def build_classifier(blocks=RESNET18) -> nn.Module:
-    """torchvision's ResNet with these blocks per stage (resnet18's by default), no pretrained weights, fc replaced by
-    Linear(512, 24) + Sigmoid (SPEC section 2)."""
-    net = ResNet(BasicBlock, list(blocks))
+def build_classifier() -> nn.Module:
+    """torchvision's resnet18, no pretrained weights, fc replaced by Linear(512, 24) + Sigmoid (SPEC section 2)."""
+    net = torchvision.models.resnet18(weights=None)
     net.fc = nn.Sequential(nn.Linear(512, N_CLASSES), nn.Sigmoid())
     return net
 
@@ -64,9 +58,9 @@ class evaluation_model:
             raise UserError(f"{checkpoint_path}: classifier weights not found; put the course's checkpoint.pth there "
                             f"or pass --classifier PATH (for the synthetic set: python evaluator.py --train)")
         try:
-            saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-            self.resnet18 = build_classifier(saved.get("blocks", RESNET18))  # the course's file: resnet18
-            self.resnet18.load_state_dict(saved["model"])
+            state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)["model"]
+            self.resnet18 = build_classifier()
+            self.resnet18.load_state_dict(state)
         except Exception as e:  # any unpickling or shape error means the file is not the course's classifier
             raise UserError(f"{checkpoint_path}: not a readable classifier checkpoint ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:120]}); expected torch.save({{'model': resnet18 state_dict}})")
@@ -159,11 +153,10 @@ def train_classifier(args) -> None:
     held_scenes = set(sorted(set(scenes))[:: max(2, round(1 / args.val_fraction))])
     val = torch.tensor([s in held_scenes for s in scenes])
     x_train, y_train, x_val, y_val = images[~val], cond[~val], images[val], cond[val]
-    print(f"classifier: ResNet{args.depth}, {len(x_train)} training images, {len(x_val)} held-out images from "
-          f"{len(held_scenes)} scenes, {args.epochs} epochs, device {device}")
+    print(f"classifier: {len(x_train)} training images, {len(x_val)} held-out images from {len(held_scenes)} scenes, "
+          f"{args.epochs} epochs, device {device}")
 
-    blocks = DEPTHS[args.depth]
-    net = build_classifier(blocks).to(device, memory_format=torch.channels_last)  # faster convolutions, CPU and GPU
+    net = build_classifier().to(device, memory_format=torch.channels_last)  # faster convolutions, CPU and GPU
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
     bs = min(args.batch_size, len(x_train))
     steps_per_epoch = len(x_train) // bs
@@ -196,7 +189,7 @@ def train_classifier(args) -> None:
         hits, ks = topk_hits(probs, y_val)
         tqdm.write(f"classifier epoch {epoch + 1}: held-out top-k accuracy {sum(hits) / sum(ks):.4f}")
     minutes = (time.time() - t0) / 60
-    save_checkpoint({"model": net.state_dict(), "blocks": list(blocks)}, args.out)
+    save_checkpoint({"model": net.state_dict()}, args.out)
     judge = evaluation_model(args.out, device)
     print(f"held-out scenes: top-k accuracy {judge.eval(to_float(x_val), y_val):.4f} ({len(x_val)} images)")
     objects = load_objects(args.data_dir)
@@ -226,9 +219,7 @@ def make_parser():
     p.add_argument("--data-dir", default="data/synthetic", help="i-CLEVR layout folder to train on")
     p.add_argument("--image-dir", default=None, help="image folder (default: DATA_DIR/iclevr)")
     p.add_argument("--out", default=None, help="where to save the weights (default: DATA_DIR/checkpoint.pth)")
-    p.add_argument("--epochs", type=POSITIVE_INT, default=16, help="training epochs")
-    p.add_argument("--depth", choices=list(DEPTHS), default="10",
-                   help="ResNet10 (one residual block per stage, half the compute) or ResNet18 (the course's)")
+    p.add_argument("--epochs", type=POSITIVE_INT, default=10, help="training epochs")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=128, help="batch size")
     p.add_argument("--lr", type=POSITIVE, default=2e-3, help="peak learning rate (one-cycle)")
     p.add_argument("--val-fraction", type=Number(float, 0, 1, lo_open=True, hi_open=True, what="a fraction in (0, 1)"),

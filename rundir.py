@@ -16,6 +16,17 @@ from cli import UserError
 
 CKPT, BEST, METRICS, CURVES, VAL = "ckpt.pt", "best.pt", "metrics.jsonl", "curves.png", "val.json"
 RUN_FILES = (CKPT, BEST, METRICS)  # what makes a folder a run's: a new run there would replace or mix them
+SAMPLES = "samples"  # what sample.py writes, inside the folder of the checkpoint it read
+
+
+def run_dir_of(ckpt_path: str) -> str:
+    """The run folder of a checkpoint: the folder it is read from."""
+    return os.path.dirname(ckpt_path) or "."
+
+
+def samples_dir_of(ckpt_path: str) -> str:
+    """Where sample.py writes a checkpoint's images (and evaluate.py reads them) unless told otherwise."""
+    return os.path.join(run_dir_of(ckpt_path), SAMPLES)
 
 
 def claim(run_dir: str, resume: bool) -> None:

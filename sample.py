@@ -21,7 +21,7 @@ from cli import COUNT, POSITIVE_INT, Number, Parser, UserError, ensure_writable,
 from dataset import STRIP_CONDITION, encode, load_conditions, load_objects, to_uint8
 from device import PRECISIONS, autocast, resolve_device, resolve_precision, setup_backends
 from model import ContextUnet, fold_batchnorm
-from rundir import data_dir_of, read_checkpoint
+from rundir import data_dir_of, read_checkpoint, run_dir_of, samples_dir_of
 from schedule import ddim_step, ddpm_schedules, ddpm_step, guided_eps, timesteps
 
 
@@ -130,7 +130,7 @@ def run(args) -> None:
     model, ckpt = load_model(args.ckpt, device, use_ema=not args.no_ema)
     cfg = ckpt["config"]
     data_dir = data_dir_of(ckpt, args.ckpt, args.data_dir)
-    out_dir = args.out_dir or os.path.join(os.path.dirname(args.ckpt) or ".", "samples")
+    out_dir = args.out_dir or samples_dir_of(args.ckpt)
     ensure_writable(out_dir, "--out-dir")
     objects = load_objects(data_dir)
     if args.conditions:
@@ -150,7 +150,7 @@ def run(args) -> None:
     print(f"sampling with {'EMA' if not args.no_ema else 'raw'} weights of {args.ckpt} (epoch {ckpt['epoch']}), "
           f"{how}, w={args.w}, seed {args.seed}, on {device} ({precision})")
     for split in splits:
-        conditions, cond = load_conditions(data_dir, split, objects, run_dir=os.path.dirname(args.ckpt) or ".")
+        conditions, cond = load_conditions(data_dir, split, objects, run_dir=run_dir_of(args.ckpt))
         name = os.path.splitext(os.path.basename(split))[0]
         t0 = time.time()
         x0, _ = sample_images(model, cond, sched, args.w, args.sampler, args.steps, args.seed, precision=precision,
