@@ -107,3 +107,17 @@ def test_a_spent_time_budget_scores_the_last_state_and_can_keep_it_as_best(tiny_
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert rows[-1]["val_acc"] == 0.7 and rows[-1]["step"] == best["step"]
     assert all("val_acc" not in row for row in rows[:-1])
+
+
+def test_a_first_run_says_its_steps_and_their_times_before_it_starts(tiny_data, tmp_path, monkeypatch):
+    import synthetic
+    from evaluator import CLASSIFIER_TIME
+    monkeypatch.chdir(tmp_path)  # no data/synthetic here: the set would be rendered, then its judge trained
+    plan = train.first_run_plan(train.get_args(["--preset", "cpu"]), torch.device("cpu"), validates=True)
+    assert plan.startswith("first run here, once before training: 1) render the synthetic set into data/synthetic")
+    assert synthetic.RENDER_TIME in plan and "2) train its classifier" in plan and CLASSIFIER_TIME["cpu"] in plan
+    assert "classifier" not in train.first_run_plan(train.get_args([]), torch.device("cpu"), validates=False)
+    with_judge = ["--data-dir", tiny_data, "--classifier", "judge.pth"]  # rendered, and a judge given: nothing to do
+    assert train.first_run_plan(train.get_args(with_judge), torch.device("cpu"), validates=True) is None
+    plan = train.first_run_plan(train.get_args(["--data-dir", tiny_data]), torch.device("cpu"), validates=True)
+    assert plan.startswith("first run here, once before training: 1) train its classifier")
