@@ -200,12 +200,19 @@ def train_classifier(args) -> None:
     print(f"saved {args.out} after {args.epochs} epochs in {minutes:.1f} min on {device} ({precision})")
 
 
+def will_train_judge(data_dir: str, classifier: str = None, rendering: bool = False) -> bool:
+    """Whether ensure_classifier trains a judge: none given, none at DATA_DIR/checkpoint.pth, and the data synthetic
+    (rendering: it is about to be rendered there, so it will be)."""
+    synthetic = rendering or os.path.isfile(os.path.join(data_dir, "synthetic.json"))
+    return not classifier and not os.path.isfile(os.path.join(data_dir, "checkpoint.pth")) and synthetic
+
+
 def ensure_classifier(data_dir: str, classifier: str = None, device: str = "auto") -> str:
     """The judge's weights: `classifier` if given, else DATA_DIR/checkpoint.pth. On the synthetic set a missing one
     is trained there first (once); for the course's data only the course's weights are the judge, so none is made
     up. Returns the path, which exists unless the course's weights are missing."""
     path = classifier or os.path.join(data_dir, "checkpoint.pth")
-    if classifier or os.path.isfile(path) or not os.path.isfile(os.path.join(data_dir, "synthetic.json")):
+    if not will_train_judge(data_dir, classifier):
         return path
     print(f"no classifier at {path}: the data is synthetic, so training one there first (once: "
           f"{CLASSIFIER_TIME[resolve_device(device).type]})")

@@ -139,11 +139,9 @@ def first_run_plan(args, device: torch.device, validates: bool) -> str:
     """What a first run does once before it trains, said before it starts, with each step's time measured on the
     2-core CPU (docs/RESULTS.md), so that a user knows the wait before it begins; None when there is nothing to do."""
     import synthetic
-    from evaluator import CLASSIFIER_TIME
-    data_dir = args.data_dir or DEFAULT_DATA_DIR
+    from evaluator import CLASSIFIER_TIME, will_train_judge
     render = not args.data_dir and not os.path.isfile(os.path.join(DEFAULT_DATA_DIR, "train.json"))
-    judge = (validates and not args.classifier and not os.path.isfile(os.path.join(data_dir, "checkpoint.pth"))
-             and (render or os.path.isfile(os.path.join(data_dir, "synthetic.json"))))
+    judge = validates and will_train_judge(args.data_dir or DEFAULT_DATA_DIR, args.classifier, rendering=render)
     steps = ([f"render the synthetic set into {DEFAULT_DATA_DIR} ({synthetic.RENDER_TIME})"] if render else []) + \
             ([f"train its classifier, which scores the validation list ({CLASSIFIER_TIME[device.type]})"] if judge else [])
     if not steps:
@@ -293,6 +291,10 @@ class Trainer:
     step: int = 0                   # optimizer steps done
     perm: torch.Tensor = None       # the current epoch's order (None: drawn when the epoch starts)
     best_val: float = None          # the best validation accuracy so far (best.pt's)
+
+    def next_epoch(self) -> None:
+        """The current epoch is done: the next one starts at its first batch, in an order drawn when it starts."""
+        self.epoch, self.batch, self.perm = self.epoch + 1, 0, None
 
     def to_checkpoint(self, ranks: list, val_acc) -> dict:
         """The checkpoint of this state: ranks holds every rank's RNG states."""
@@ -571,7 +573,7 @@ def train(args) -> ContextUnet:
     if ckpt:
         r.restore(ckpt)
         if r.batch >= n_batches:  # saved on an epoch's last batch (by an older version): that epoch is done
-            r.epoch, r.batch, r.perm = r.epoch + 1, 0, None
+            r.next_epoch()
         say(f"resuming {os.path.join(args.out_dir, CKPT)} at epoch {r.epoch}, batch {r.batch}, step {r.step}")
     r.net = wrap(r.model, args.compile, device)
     say(describe(args, r, device, n_batches))
@@ -579,6 +581,7 @@ def train(args) -> ContextUnet:
     previous_handlers = catch_signals(stop)
     log = open(os.path.join(args.out_dir, METRICS), "a") if rank == 0 else None
     t_start, step0, loss_sum, loss_count = time.time(), r.step, 0.0, 0
+    scored_epoch = lambda: bool(eval_every) and (r.epoch % eval_every == 0 or r.epoch == args.epochs)
     try:
         while r.epoch < args.epochs:
             if r.perm is None:
@@ -599,17 +602,15 @@ def train(args) -> ContextUnet:
                 if signalled or time_up:  # at a spent time budget (the preset's planned end) the last state is scored too
                     epoch_done = r.batch == n_batches  # then the resume starts the next epoch, not an empty one
                     if epoch_done:
-                        r.epoch, r.batch, r.perm = r.epoch + 1, 0, None
-                    evaluate = bool(eval_every) and (time_up or epoch_done and (r.epoch % eval_every == 0 or
-                                                                                r.epoch == args.epochs))
-                    val_acc = checkpoint(r, evaluate)
+                        r.next_epoch()
+                    val_acc = checkpoint(r, evaluate=bool(eval_every) and time_up or epoch_done and scored_epoch())
                     if rank == 0:
                         log_epoch(r, log, r.epoch + r.batch / n_batches, time.time() - t_epoch, loss_sum / loss_count,
                                   loss_count, t_start, val_acc, 0)
                     say(stop_message(args, r, "time budget" if time_up else stop["signal"] or "another process stopped"))
                     return r.model
-            r.epoch, r.batch, r.perm = r.epoch + 1, 0, None
-            val_acc = checkpoint(r, evaluate=bool(eval_every) and (r.epoch % eval_every == 0 or r.epoch == args.epochs))
+            r.next_epoch()
+            val_acc = checkpoint(r, evaluate=scored_epoch())
             if rank == 0:
                 log_epoch(r, log, r.epoch, time.time() - t_epoch, loss_sum / max(loss_count, 1), loss_count, t_start, val_acc,
                           time_left(args, t_start, r.step - step0, (args.epochs - r.epoch) * n_batches))
