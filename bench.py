@@ -127,6 +127,8 @@ def make_parser():
     p.add_argument("--channels-last", default="auto", choices=["auto", "1", "0"], help="fast mode's layout (auto: on CUDA and AMX CPUs)")
     p.add_argument("--fused-adam", default="auto", choices=["auto", "1", "0"], help="fast mode's Adam (auto: on CUDA)")
     p.add_argument("--compile", type=SWITCH, default=0, help="1: add a column with the training step torch.compiled")
+    p.add_argument("--cuda-graph", type=SWITCH, default=0, help="1: fast mode's sampling rows replay each step's forward "
+                                                                "from a CUDA graph (sample.py --cuda-graph 1)")
     p.add_argument("--profile", type=COUNT, default=0, help="N > 0: after the table, the top N operators of 5 fast training "
                                                             "steps and of one fast DDIM 50 draw (torch.profiler)")
     p.add_argument("--json", default=None, help="also write the figures here")
@@ -165,7 +167,8 @@ def run(args):
     images = torch.randint(0, 256, (n_images, 3, args.image_size, args.image_size), dtype=torch.uint8, device=device)
     cond = (torch.rand(n_images, 24, device=device) < 0.08).float()
     hp = argparse.Namespace(n_feat=args.n_feat, image_size=args.image_size, batch_size=args.batch_size, lr=1e-4, hflip=1,
-                            drop_prob=0.1, ema_decay=0.999, cond_bottleneck=0, min_snr=0, lr_schedule="constant",
+                            drop_prob=0.1, ema_decay=0.999, cond_bottleneck=0, cross_attn=0, adagn=0,
+                            cond_embed="mlp", min_snr=0, lr_schedule="constant",
                             warmup_steps=0, minutes=0, seed=0)
     modes = {"fast": (precision, cl, fused, False), "plain": ("fp32", False, False, False)}
     if args.compile:
@@ -207,7 +210,8 @@ def run(args):
         split = cond[:32]
         for sampler, steps in ((("ddpm", args.T), ("ddim", 50)) if not args.no_sample and not compiled else ()):
             draw = lambda: sample_images(net, split, sched, w=0.5, sampler=sampler, steps=steps,
-                                         batched_guidance=mode != "plain", precision=prec)
+                                         batched_guidance=mode != "plain", precision=prec,
+                                         cuda_graph=bool(args.cuda_graph) and mode == "fast")
             draw()  # warm-up
             seconds = timed(draw, device)
             res[f"{sampler}_s"] = seconds
@@ -250,7 +254,8 @@ def run(args):
              "ddim_s": ("sample 32 images, DDIM 50 steps, w=0.5", "s", False), "ddim_mfu": ("  its FLOP/s / matmul peak", "", True),
              "load_epoch_s": ("data loading alone, one epoch", "s", False),
              "load_share": ("  as a share of a training epoch", "", False)}
-    print(f"\nfast: {precision}{', channels_last' if cl else ''}{', fused Adam' if fused else ''}; plain: fp32 "
+    print(f"\nfast: {precision}{', channels_last' if cl else ''}{', fused Adam' if fused else ''}"
+          f"{', sampling from CUDA graphs' if args.cuda_graph and device.type == 'cuda' else ''}; plain: fp32 "
           f"(TF32 off), NCHW, Adam for-each" + ("; compiled: fast + torch.compile" if args.compile else ""))
     print(f"{'':48s} {'fast':>10s} {'plain':>10s} {'fast gain':>10s}" + (f" {'compiled':>10s}" if args.compile else ""))
     for key, (label, unit, higher_better) in names.items():

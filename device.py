@@ -6,6 +6,7 @@ V100, RTX 20xx); on a CPU, bf16 where it has AMX matrix units, else fp32. Every 
 the tests execute each path.
 """
 import os
+import shutil
 
 import torch
 
@@ -62,6 +63,13 @@ def resolve_switch(value, device: torch.device, flag: str, on_cpu: bool = False)
     if str(value) in ("0", "1"):
         return str(value) == "1"
     raise UserError(f"{flag} {value}: use auto, 1 or 0")
+
+
+def resolve_compile(value, device: torch.device) -> bool:
+    """--compile: auto is on for CUDA where a C compiler is on PATH (Triton builds its kernel launcher with one), off
+    on a CPU (inductor needs a C++ compiler there, and the CPU preset must run on a machine without one)."""
+    has_cc = any(shutil.which(cc) for cc in ("cc", "gcc", "clang"))
+    return resolve_switch(value, device if has_cc or str(value) != "auto" else torch.device("cpu"), "--compile")
 
 
 def resolve_channels_last(value, device: torch.device) -> bool:

@@ -88,6 +88,8 @@ def sweep(args, judge, data_dir, objects, names, splits) -> None:
     ws, seeds = args.sweep, args.seeds  # lists, checked by the parser
     truth = {s: truth_features(judge, data_dir, s, objects) for s in splits}
     tag = f"ddim{args.steps}" if args.sampler == "ddim" else "ddpm"  # a DDPM sweep does not overwrite a DDIM one
+    if args.w_interval != [0, 1]:
+        tag += f"_interval{args.w_interval[0]:g}-{args.w_interval[1]:g}"
     table = []
     for w in ws:
         accs, feats = {s: [] for s in splits}, {s: [] for s in splits}
@@ -96,7 +98,7 @@ def sweep(args, judge, data_dir, objects, names, splits) -> None:
             sample.run(sample.get_args(["--ckpt", args.ckpt, "--data-dir", data_dir, "--out-dir", out, "--w", str(w),
                                         "--split", args.split,
                                         "--seed", str(seed), "--sampler", args.sampler, "--steps", str(args.steps),
-                                        "--device", args.device]))
+                                        "--device", args.device, "--w-interval", ",".join(map(str, args.w_interval))]))
             for s in splits:
                 r, f = score_split(judge, out, s, objects, names)
                 accs[s].append(r["accuracy"])
@@ -156,6 +158,8 @@ def make_parser():
                    help="with --sweep: comma-separated noise seeds, the same for every w (default: 0,1,2)")
     p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim"], help="with --sweep: the sampler")
     p.add_argument("--steps", type=POSITIVE_INT, default=50, help="with --sweep: DDIM steps")
+    p.add_argument("--w-interval", type=Numbers(float, 0, 1, what="a fraction of T in [0, 1]"), default=[0.0, 1.0],
+                   help="with --sweep: LO,HI, guide only where LO <= t / T <= HI (as sample.py)")
     p.add_argument("--curves", default=None, metavar="RUN_DIR", help="draw RUN_DIR/curves.png from its metrics.jsonl "
                                                                      "(loss and validation accuracy) and stop")
     p.add_argument("--pictures", default=None, metavar="RUN_DIR", help="write the README's pictures to docs/ from "

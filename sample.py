@@ -17,20 +17,53 @@ import torchvision
 from PIL import Image
 from tqdm import tqdm
 
-from cli import COUNT, POSITIVE_INT, Number, Parser, UserError, ensure_writable, run_cli
+from cli import COUNT, POSITIVE_INT, SWITCH, Number, Numbers, Parser, UserError, ensure_writable, run_cli
 from dataset import STRIP_CONDITION, encode, load_conditions, load_objects, to_uint8
-from device import PRECISIONS, autocast, resolve_device, resolve_precision, setup_backends
+from device import DTYPES, PRECISIONS, autocast, resolve_device, resolve_precision, setup_backends
 from model import ContextUnet, fold_batchnorm
 from rundir import data_dir_of, read_checkpoint, run_dir_of, samples_dir_of
 from schedule import ddim_step, ddpm_schedules, ddpm_step, guided_eps, timesteps
 
 
+def graphed(model: ContextUnet, device: torch.device, precision: str):
+    """model(x, cond, t) on CUDA with each input shape captured once in a CUDA graph and then replayed: the
+    sampler's fixed-shape forward becomes one launch instead of about a hundred small kernels."""
+    graphs = {}
+
+    def forward(x, cond, t):
+        key = (tuple(x.shape), tuple(cond.shape))
+        if key not in graphs:
+            static = [x.clone(), cond.clone(), t.clone()]
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side), autocast(device, precision):  # warm-up: cuDNN picks its kernels here
+                for _ in range(2):
+                    model(*static)
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # the autocast cache would hold casts made during capture; captured graphs must not rely on it
+            with torch.cuda.graph(graph), torch.autocast("cuda", dtype=DTYPES[precision], enabled=precision != "fp32",
+                                                         cache_enabled=False):
+                out = model(*static)
+            graphs[key] = graph, static, out
+        graph, static, out = graphs[key]
+        for buffer, value in zip(static, (x, cond, t)):
+            buffer.copy_(value)
+        graph.replay()
+        return out.clone()  # the graph's output buffer is overwritten by the next replay
+
+    return forward
+
+
 @torch.inference_mode()
 def sample_images(model: ContextUnet, cond: torch.Tensor, sched: dict, w: float = 0.5, sampler: str = "ddpm",
                   steps: int = 50, seed: int = 0, n_frames: int = 0, batched_guidance: bool = True,
-                  precision: str = "auto", clip_x0: bool = False, progress: bool = False):
+                  precision: str = "auto", clip_x0: bool = False, progress: bool = False, w_interval=(0.0, 1.0),
+                  cuda_graph: bool = False):
     """Draw one image per row of cond (N, 24). Returns x0 (N, 3, S, S) in [-1, 1] and, if n_frames > 0, that many
-    snapshots of x_t from pure noise to the result. The noise comes from its own generator seeded with `seed`, so
+    snapshots of x_t from pure noise to the result. Guidance applies where lo <= t / T <= hi for w_interval (lo, hi),
+    plain conditional steps elsewhere (guidance limited to an interval, arXiv 2404.07724). cuda_graph: on CUDA, each
+    step's forward replayed from a CUDA graph (the same arithmetic, far fewer kernel launches). The noise comes from its own generator seeded with `seed`, so
     the output does not depend on what else ran before; the same seed gives the same x_T on every device."""
     device = next(model.parameters()).device
     T = len(sched["beta_t"]) - 1
@@ -47,17 +80,19 @@ def sample_images(model: ContextUnet, cond: torch.Tensor, sched: dict, w: float 
     record = {round(i * (len(ts) - 1) / (n_frames - 1)) for i in range(n_frames)} if n_frames > 1 else set()
     frames = [x_t.float().cpu()] if 0 in record else []
     precision = resolve_precision(precision, device)
+    net = graphed(model, device, precision) if cuda_graph and device.type == "cuda" else model
     for i, (t, t_prev) in enumerate(tqdm(list(zip(ts[:-1], ts[1:])), desc=f"sampling ({sampler})",
                                          disable=not progress, leave=False)):
         t_in = torch.full((n,), t / T, device=device)  # the net sees t scaled to [0, 1]
+        guided = w != 0 and w_interval[0] <= t / T <= w_interval[1]
         with autocast(device, precision):
-            if w == 0:
-                eps = model(x_t, cond, t_in).float()
+            if not guided:
+                eps = net(x_t, cond, t_in).float()
             elif batched_guidance:  # conditional and unconditional halves in one forward pass of 2N
-                eps_c, eps_u = model(torch.cat([x_t, x_t]), torch.cat([cond, null]), t_in.repeat(2)).float().chunk(2)
+                eps_c, eps_u = net(torch.cat([x_t, x_t]), torch.cat([cond, null]), t_in.repeat(2)).float().chunk(2)
                 eps = guided_eps(eps_c, eps_u, w)
             else:
-                eps = guided_eps(model(x_t, cond, t_in).float(), model(x_t, null, t_in).float(), w)
+                eps = guided_eps(net(x_t, cond, t_in).float(), net(x_t, null, t_in).float(), w)
         if sampler == "ddpm":
             z = torch.randn(x_t.shape, generator=gen, device=device) if t > 1 else torch.zeros_like(x_t)
             x_t = ddpm_step(x_t, eps, t, z, sched, clip_x0)
@@ -108,10 +143,14 @@ def make_parser():
     p.add_argument("--conditions", default=None, help="a JSON file of condition lists to sample instead of a split")
     p.add_argument("--w", type=Number(float, lo=0, what="a guidance weight >= 0 (0 is plain conditional sampling)"),
                    default=0.5, help="guidance weight: eps = (1+w) eps_c - w eps_null; 0 = none")
+    p.add_argument("--w-interval", type=Numbers(float, 0, 1, what="a fraction of T in [0, 1]"), default=[0.0, 1.0],
+                   help="LO,HI: guide only the steps with LO <= t / T <= HI, plain conditional steps elsewhere")
     p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="ancestral DDPM or deterministic DDIM")
     p.add_argument("--steps", type=POSITIVE_INT, default=50, help="DDIM steps, at most T (DDPM always takes all T steps)")
     p.add_argument("--clip-x0", action="store_true", help="DDPM: the posterior mean around the x0 prediction clipped to "
                                                           "[-1, 1] (DDIM always clips)")
+    p.add_argument("--cuda-graph", type=SWITCH, default=0, help="1: on CUDA, replay each step's forward from a CUDA "
+                                                                "graph (the same images, far fewer kernel launches)")
     p.add_argument("--seed", type=COUNT, default=0, help="noise seed; same seed, same images")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of their moving average")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -120,7 +159,11 @@ def make_parser():
 
 
 def get_args(argv=None):
-    return make_parser().parse_args(argv)
+    args = make_parser().parse_args(argv)
+    if len(args.w_interval) != 2 or args.w_interval[0] > args.w_interval[1]:
+        make_parser().error(f"--w-interval {','.join(f'{v:g}' for v in args.w_interval)}: must be two fractions LO,HI "
+                            f"with LO <= HI, such as 0.2,0.8")
+    return args
 
 
 def run(args) -> None:
@@ -147,6 +190,7 @@ def run(args) -> None:
         args.steps = cfg["T"]
     how = f"{args.sampler}" + (f" {args.steps} steps" if args.sampler == "ddim" else f" {cfg['T']} steps")
     how += ", x0 clipped" if args.clip_x0 and args.sampler == "ddpm" else ""
+    how += f", guided where {args.w_interval[0]:g} <= t/T <= {args.w_interval[1]:g}" if args.w_interval != [0, 1] else ""
     print(f"sampling with {'EMA' if not args.no_ema else 'raw'} weights of {args.ckpt} (epoch {ckpt['epoch']}), "
           f"{how}, w={args.w}, seed {args.seed}, on {device} ({precision})")
     for split in splits:
@@ -154,7 +198,7 @@ def run(args) -> None:
         name = os.path.splitext(os.path.basename(split))[0]
         t0 = time.time()
         x0, _ = sample_images(model, cond, sched, args.w, args.sampler, args.steps, args.seed, precision=precision,
-                              clip_x0=args.clip_x0, progress=True)
+                              clip_x0=args.clip_x0, progress=True, w_interval=args.w_interval, cuda_graph=bool(args.cuda_graph))
         seconds = time.time() - t0
         x0 = to_64(x0)
         os.makedirs(os.path.join(out_dir, name), exist_ok=True)
@@ -166,7 +210,7 @@ def run(args) -> None:
         print(f"{name}: {len(x0)} images in {seconds:.1f}s -> {out_dir}/{name}/, {out_dir}/{name}_grid.png")
     strip_cond = encode([STRIP_CONDITION], objects, "the denoising strip")
     _, frames = sample_images(model, strip_cond, sched, args.w, args.sampler, args.steps, args.seed, n_frames=8,
-                              precision=precision, clip_x0=args.clip_x0)
+                              precision=precision, clip_x0=args.clip_x0, w_interval=args.w_interval)
     save_grid(to_64(torch.cat(frames)), os.path.join(out_dir, "denoise_strip.png"), nrow=len(frames))
     print(f"done: {', '.join(os.path.splitext(os.path.basename(s))[0] for s in splits)} sampled; "
           f"denoising strip -> {out_dir}/denoise_strip.png; score with: python evaluate.py --samples-dir {out_dir}")

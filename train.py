@@ -27,8 +27,8 @@ from tqdm import tqdm
 from cli import (COUNT, IMAGE_SIZE, POSITIVE, POSITIVE_INT, PROBABILITY, SWITCH, Number, Parser, UserError,
                  ensure_writable, run_cli)
 from dataset import draw_val, load_conditions, load_objects, load_train, make_batch, read_json, to_float
-from device import (PRECISIONS, autocast, grad_scaler, resolve_channels_last, resolve_device, resolve_precision,
-                    resolve_switch, setup_backends)
+from device import (PRECISIONS, autocast, grad_scaler, resolve_channels_last, resolve_compile, resolve_device,
+                    resolve_precision, resolve_switch, setup_backends)
 from evaluator import ensure_classifier, evaluation_model
 from model import ContextUnet, count_params
 from rundir import BEST, CKPT, METRICS, VAL, claim, plot_curves, read_checkpoint, save_checkpoint
@@ -37,7 +37,8 @@ from schedule import ddpm_schedules, q_sample
 
 DEFAULT_DATA_DIR = "data/synthetic"
 # settings that change the network or the noise process: a checkpoint is only valid with the same ones
-MODEL_KEYS = ("image_size", "n_feat", "T", "beta1", "beta2", "schedule", "cond_bottleneck")
+MODEL_KEYS = ("image_size", "n_feat", "T", "beta1", "beta2", "schedule", "cond_bottleneck", "cross_attn", "adagn",
+              "cond_embed")
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)  # torch's default for a collective of the training steps
 PREPARE_TIMEOUT = datetime.timedelta(hours=3)  # the other ranks' wait while rank 0 renders, decodes, trains the judge
 BETA = Number(float, 0, 1, lo_open=True, hi_open=True, what="a noise variance in (0, 1)")
@@ -45,16 +46,16 @@ N_FEAT = Number(int, lo=8, multiple=8, what="a multiple of 8 (the network's Grou
 PATHS = ("data_dir", "image_dir", "classifier")  # stored absolute: a checkpoint finds its inputs from any folder
 PRESETS = {
     # A CPU has few optimizer steps to spend, so the preset buys steps (32x32 images, batches of 16, lr 1e-3) and
-    # spends them where the condition is decided: Min-SNR with g = 1 takes the weight off the nearly clean steps, and
-    # the condition also shapes the bottleneck. Width 32: at equal time, half the steps of width 16 and better
-    # (capacity, not steps, held width 16 back). Budgeted by time: a faster machine trains more steps, and a CPU with
-    # AMX trains about twice as many (auto precision is bf16 there, with channels_last). Samples are upsampled to
-    # 64x64, as the classifier saw a quarter of its training images. Measured in docs/RESULTS.md.
-    "cpu": dict(image_size=32, n_feat=32, batch_size=16, lr=1e-3, min_snr=1.0, cond_bottleneck=1, minutes=25.0,
-                epochs=1000, eval_every=5, sample_every=5),
+    # spends them where the condition is decided: Min-SNR with g = 1 takes the weight off the nearly clean steps, the
+    # condition also shapes the bottleneck, and each object is a token that the S/4 and S/2 feature maps attend to
+    # (in 10-minute rows: val 0.53 -> 0.71, three-object scenes the most). Width 32 (capacity, not steps, held width
+    # 16 back). Budgeted by time: a faster machine trains more steps, and a CPU with AMX trains about twice as many
+    # (auto precision is bf16 there, with channels_last). best.pt is chosen by the sampler and w of the README's next
+    # line (DDPM 400, --val-w). Samples are upsampled to 64x64, as the classifier saw a quarter of its training
+    # images. Measured in docs/RESULTS.md.
+    "cpu": dict(image_size=32, n_feat=32, batch_size=16, lr=1e-3, min_snr=1.0, cond_bottleneck=1, cross_attn=2,
+                minutes=25.0, epochs=1000, eval_every=10, sample_every=5, val_sampler="ddpm", val_w=2.0),
 }
-
-PRESET_SAMPLING = {"cpu": "--w 3"}  # the README's sampling command for each preset (w chosen on val)
 
 
 def make_parser(with_defaults: bool = True):
@@ -79,6 +80,12 @@ def make_parser(with_defaults: bool = True):
     p.add_argument("--schedule", default=d("linear"), choices=["linear", "cosine"], help="noise schedule")
     p.add_argument("--cond-bottleneck", type=SWITCH, default=d(0), help="1: the condition also multiplies the "
                                                                         "bottleneck vector (c_e * h + t_e there too)")
+    p.add_argument("--cross-attn", type=Number(int, 0, 2, what="0, 1 or 2"), default=d(0), help="1: one token per object and "
+                   "cross-attention from the feature map to them at S/4; 2: at S/4 and S/2; 0: none, as report C")
+    p.add_argument("--adagn", type=SWITCH, default=d(0), help="1: GroupNorm with scale and shift from the time and "
+                                                              "condition embedding in every residual block, instead of BatchNorm")
+    p.add_argument("--cond-embed", default=d("mlp"), choices=["mlp", "linear"], help="the condition's embedding: "
+                   "Linear-GELU-Linear (report C) or one Linear layer")
     p.add_argument("--min-snr", type=Number(float, lo=0), default=d(0), help="Min-SNR loss weighting min(SNR, g) / SNR "
                                                                             "with this g (5 in the paper); 0: plain MSE, as report C")
     p.add_argument("--drop-prob", type=PROBABILITY, default=d(0.1), help="probability of dropping a sample's condition")
@@ -90,8 +97,15 @@ def make_parser(with_defaults: bool = True):
     p.add_argument("--seed", type=COUNT, default=d(42), help="random seed")
     p.add_argument("--minutes", type=Number(float, lo=0), default=d(0), help="stop after this many minutes of training "
                                                                              "(at a step boundary), save, print the next command; 0: no limit")
+    p.add_argument("--save-every", type=Number(float, lo=0), default=d(2.0), help="minutes between checkpoints, "
+                   "written at the end of an epoch; also at every validation, at the end and at every stop; 0: every epoch")
     p.add_argument("--eval-every", type=COUNT, default=d(None), help="epochs between validation scores and best.pt "
                                                                      "(default: 10 on a GPU, 0 = never on a CPU)")
+    p.add_argument("--val-w", type=Number(float, lo=0, what="a guidance weight >= 0"), default=d(0.5),
+                   help="guidance weight of the validation samples, and of the sampling command printed at the end")
+    p.add_argument("--val-sampler", default=d("ddim"), choices=["ddpm", "ddim"], help="sampler of the validation "
+                   "samples: ddpm (all T steps, as sample.py by default) or ddim with --val-steps")
+    p.add_argument("--val-steps", type=POSITIVE_INT, default=d(50), help="DDIM steps of validation (with --val-sampler ddim)")
     p.add_argument("--classifier", default=d(None), help="judge for validation (default: DATA_DIR/checkpoint.pth; on the "
                                                          "synthetic set trained there first if missing)")
     p.add_argument("--device", default=d("auto"), help="auto, cpu or cuda")
@@ -100,7 +114,8 @@ def make_parser(with_defaults: bool = True):
                         "AMX, else fp32")
     p.add_argument("--channels-last", default=d("auto"), choices=["auto", "1", "0"], help="NHWC memory layout (auto: on CUDA and AMX CPUs)")
     p.add_argument("--fused-adam", default=d("auto"), choices=["auto", "1", "0"], help="one fused Adam kernel (auto: on CUDA)")
-    p.add_argument("--compile", type=SWITCH, default=d(0), help="1: torch.compile the network (slower start, faster steps)")
+    p.add_argument("--compile", default=d("auto"), choices=["auto", "1", "0"], help="torch.compile the network (slower "
+                   "start, faster steps; auto: on CUDA where a C compiler is found, off on a CPU)")
     p.add_argument("--deterministic", type=SWITCH, default=d(0), help="1: deterministic kernels only, for bit-exact "
                                                                       "resumes on CUDA (slower)")
     p.add_argument("--resume", action="store_true", default=d(False), help="continue from OUT_DIR/ckpt.pt")
@@ -291,6 +306,7 @@ class Trainer:
     step: int = 0                   # optimizer steps done
     perm: torch.Tensor = None       # the current epoch's order (None: drawn when the epoch starts)
     best_val: float = None          # the best validation accuracy so far (best.pt's)
+    clock: float = 0.0              # seconds since this invocation started training, rank 0's, agreed at the last step
 
     def next_epoch(self) -> None:
         """The current epoch is done: the next one starts at its first batch, in an order drawn when it starts."""
@@ -330,7 +346,8 @@ def make_trainer(args, device: torch.device, precision: str, channels_last: bool
                  cond: torch.Tensor, sched: dict) -> Trainer:
     """The state at step 0, built the way train.py builds it (bench.py builds it here too): the network, its EMA
     copy, Adam, the fp16 gradient scaler, the device-resident uint8 images (N, 3, S, S) and conditions (N, 24)."""
-    model = ContextUnet(3, args.n_feat, cond.shape[1], args.image_size, bool(args.cond_bottleneck)).to(device)
+    model = ContextUnet(3, args.n_feat, cond.shape[1], args.image_size, bool(args.cond_bottleneck), args.cross_attn,
+                        bool(args.adagn), args.cond_embed).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
@@ -349,12 +366,12 @@ def train_step(r: Trainer, idx: torch.Tensor, step: int, signal: bool = False, c
     x0 = make_batch(r.images, idx, r.args.hflip)  # (B, 3, S, S) in [-1, 1]
     loss = diffusion_loss(r.net, x0, r.cond[idx], r.sched, r.args.drop_prob, r.precision, r.channels_last,
                           r.args.min_snr)
-    loss_value, signalled, clock = agree(loss, signal, r.world, clock if r.rank == 0 else 0.0)
-    time_up = bool(r.args.minutes) and clock >= 60 * r.args.minutes  # the shared clock: every rank decides alike
+    loss_value, signalled, r.clock = agree(loss, signal, r.world, clock if r.rank == 0 else 0.0)
+    time_up = bool(r.args.minutes) and r.clock >= 60 * r.args.minutes  # the shared clock: every rank decides alike
     if not math.isfinite(loss_value):
         return loss_value, signalled, time_up
     for group in r.opt.param_groups:
-        group["lr"] = learning_rate(r.args, r.total_steps, step, clock)
+        group["lr"] = learning_rate(r.args, r.total_steps, step, r.clock)
     r.opt.zero_grad(set_to_none=True)
     r.scaler.scale(loss).backward()
     r.scaler.step(r.opt)
@@ -434,10 +451,13 @@ def prepare(args, rank: int, device: torch.device, prep_group, eval_every: int):
     return images.to(device), cond.to(device), val_cond, judge  # the whole set on the device: no loader, no decode
 
 
-def validate(ema: ContextUnet, val_cond: torch.Tensor, sched: dict, judge, precision: str) -> float:
-    """Top-k accuracy of the EMA network's samples of the validation list: DDIM 50, w 0.5, seed 0, one per condition."""
-    x0, _ = sample_images(ema, val_cond, sched, w=0.5, sampler="ddim", steps=50, seed=0, precision=precision)
-    return judge.eval(to_64(x0), val_cond)
+def validate(r: Trainer) -> float:
+    """Top-k accuracy of the EMA network's samples of the validation list, one per condition, seed 0, drawn with
+    --val-sampler at --val-w: best.pt is chosen by what the printed sampling command will run, or by a cheaper proxy."""
+    a = r.args
+    x0, _ = sample_images(r.ema, r.val_cond, r.sched, w=a.val_w, sampler=a.val_sampler, steps=a.val_steps, seed=0,
+                          precision=r.precision)
+    return r.judge.eval(to_64(x0), r.val_cond)
 
 
 def checkpoint(r: Trainer, evaluate: bool = False):
@@ -455,7 +475,7 @@ def checkpoint(r: Trainer, evaluate: bool = False):
         return None
     refresh_bn_stats(r.ema, bn_batches(r.images, r.cond, r.sched, r.args.drop_prob, r.args.seed + r.step,
                                        min(1024, len(r.images)), r.bs * r.world), r.precision, r.channels_last)
-    val_acc = validate(r.ema, r.val_cond, r.sched, r.judge, r.precision) if evaluate and r.judge else None
+    val_acc = validate(r) if evaluate and r.judge else None
     is_best = val_acc is not None and (r.best_val is None or val_acc >= r.best_val)  # a tie keeps the later
     r.best_val = val_acc if is_best else r.best_val
     state = r.to_checkpoint(ranks, val_acc)
@@ -488,7 +508,7 @@ def release_signals(previous: dict) -> None:
 
 
 def log_epoch(r: Trainer, log, epoch: float, seconds: float, loss: float, steps: int, t_start: float, val_acc,
-              left: float):
+              left: float, saved: bool = True):
     """One line of metrics.jsonl, the curves picture, and the epoch's line on the console (epoch: epochs done, with
     a fraction where a stop ends the run inside one)."""
     row = {"epoch": round(epoch, 3), "step": r.step, "loss": loss, "images_per_s": steps * r.bs * r.world / seconds,
@@ -499,12 +519,13 @@ def log_epoch(r: Trainer, log, epoch: float, seconds: float, loss: float, steps:
     plot_curves(r.args.out_dir)
     tqdm.write(f"epoch {epoch:g}/{r.args.epochs}  loss {loss:.4f}  {row['images_per_s']:.0f} img/s"
                f"{f'  val {val_acc:.3f} (best {r.best_val:.3f})' if val_acc is not None else ''}  "
-               f"{fmt_time(left)} left  saved {os.path.join(r.args.out_dir, CKPT)}")
+               f"{fmt_time(left)} left{f'  saved {os.path.join(r.args.out_dir, CKPT)}' if saved else ''}")
 
 
 def progress_grid(r: Trainer) -> None:
     """A quick DDIM grid of the first 32 validation conditions, with its own RNG: training is untouched."""
-    x0, _ = sample_images(r.ema, r.val_cond[:32], r.sched, w=0.5, sampler="ddim", steps=50, seed=0, precision=r.precision)
+    x0, _ = sample_images(r.ema, r.val_cond[:32], r.sched, w=r.args.val_w, sampler="ddim", steps=50, seed=0,
+                          precision=r.precision)
     os.makedirs(os.path.join(r.args.out_dir, "progress"), exist_ok=True)
     save_grid(to_64(x0), os.path.join(r.args.out_dir, "progress", f"epoch_{r.epoch:04d}.png"))
 
@@ -534,10 +555,11 @@ def warn_cpu_time(args, bar, per_step: float, steps_left: int, n_batches: int) -
 
 
 def next_command(args) -> str:
-    """The README's next step after training: sample the best checkpoint where validation kept one."""
+    """The README's next step after training: sample the best checkpoint where validation kept one, at the w it was
+    validated with (sample.py's default is 0.5)."""
     best = os.path.join(args.out_dir, BEST)
     ckpt = best if os.path.isfile(best) else os.path.join(args.out_dir, CKPT)
-    return f"python sample.py --ckpt {ckpt}" + (f" {PRESET_SAMPLING[args.preset]}" if args.preset else "")
+    return f"python sample.py --ckpt {ckpt}" + (f" --w {args.val_w:g}" if args.val_w != 0.5 else "")
 
 
 def stop_message(args, r: Trainer, why: str) -> str:
@@ -560,6 +582,7 @@ def train(args) -> ContextUnet:
     precision = resolve_precision(args.precision, device)
     channels_last = resolve_channels_last(args.channels_last, device)
     fused = resolve_switch(args.fused_adam, device, "--fused-adam")
+    compile = resolve_compile(args.compile, device)
     eval_every = (10 if device.type == "cuda" else 0) if args.eval_every is None else args.eval_every
     setup_backends(device, precision, args.deterministic)
     ensure_writable(args.out_dir, "--out-dir")
@@ -575,12 +598,12 @@ def train(args) -> ContextUnet:
         if r.batch >= n_batches:  # saved on an epoch's last batch (by an older version): that epoch is done
             r.next_epoch()
         say(f"resuming {os.path.join(args.out_dir, CKPT)} at epoch {r.epoch}, batch {r.batch}, step {r.step}")
-    r.net = wrap(r.model, args.compile, device)
-    say(describe(args, r, device, n_batches))
+    r.net = wrap(r.model, compile, device)
+    say(describe(args, r, device, n_batches) + (", compiled" if compile else ""))
     stop = {"signal": None}
     previous_handlers = catch_signals(stop)
     log = open(os.path.join(args.out_dir, METRICS), "a") if rank == 0 else None
-    t_start, step0, loss_sum, loss_count = time.time(), r.step, 0.0, 0
+    t_start, step0, loss_sum, loss_count, saved_at = time.time(), r.step, 0.0, 0, 0.0
     scored_epoch = lambda: bool(eval_every) and (r.epoch % eval_every == 0 or r.epoch == args.epochs)
     try:
         while r.epoch < args.epochs:
@@ -610,11 +633,17 @@ def train(args) -> ContextUnet:
                     say(stop_message(args, r, "time budget" if time_up else stop["signal"] or "another process stopped"))
                     return r.model
             r.next_epoch()
-            val_acc = checkpoint(r, evaluate=scored_epoch())
+            # a checkpoint (EMA statistics, a write of the whole state) every --save-every minutes on the shared clock,
+            # not every few seconds on a fast GPU, and wherever a validation, a progress grid (both need the EMA
+            # statistics) or the end needs one
+            grid = bool(args.sample_every) and (r.epoch % args.sample_every == 0 or r.epoch == args.epochs)
+            save = scored_epoch() or grid or r.epoch == args.epochs or r.clock - saved_at >= 60 * args.save_every
+            val_acc = checkpoint(r, evaluate=scored_epoch()) if save else None
+            saved_at = r.clock if save else saved_at
             if rank == 0:
                 log_epoch(r, log, r.epoch, time.time() - t_epoch, loss_sum / max(loss_count, 1), loss_count, t_start, val_acc,
-                          time_left(args, t_start, r.step - step0, (args.epochs - r.epoch) * n_batches))
-            if rank == 0 and args.sample_every and (r.epoch % args.sample_every == 0 or r.epoch == args.epochs):
+                          time_left(args, t_start, r.step - step0, (args.epochs - r.epoch) * n_batches), save)
+            if rank == 0 and grid:
                 progress_grid(r)
     finally:  # leave the process as we found it (tests call train() in-process)
         if log:

@@ -221,3 +221,13 @@ def test_a_resume_runs_the_adam_this_run_asks_for_not_the_checkpoints(tiny_data,
     train.train(train.get_args([*common, "--epochs", "3", "--fused-adam", "0", "--resume"]))  # and back again
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     assert ckpt["step"] == 9 and not any(g["fused"] for g in ckpt["optimizer"]["param_groups"])
+
+
+def test_compile_auto_is_on_for_cuda_with_a_c_compiler_and_off_on_a_cpu(monkeypatch):
+    import device
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(device.shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert device.resolve_compile("auto", cuda) and not device.resolve_compile("auto", cpu)
+    assert device.resolve_compile("1", cpu) and not device.resolve_compile("0", cuda)
+    monkeypatch.setattr(device.shutil, "which", lambda name: None)  # Triton could not build its launcher
+    assert not device.resolve_compile("auto", cuda) and device.resolve_compile("1", cuda)

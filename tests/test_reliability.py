@@ -95,7 +95,7 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_intact(tmp_p
 
 def start_training(data, out):
     return subprocess.Popen([sys.executable, "train.py", "--data-dir", data, "--out-dir", str(out), *TINY,
-                             "--epochs", "100000"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--epochs", "100000", "--save-every", "0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def wait_for_checkpoint(out, proc, timeout=120):
@@ -222,3 +222,19 @@ def test_a_cosine_run_resumes_bit_for_bit_and_ends_near_zero(tiny_data, tmp_path
     assert_same_state(straight, resumed)
     last = resumed["optimizer"]["param_groups"][0]["lr"]  # step 5 of 6: 1e-4 * (1 + cos(pi 5/6)) / 2
     assert math.isclose(last, 1e-4 * (1 + math.cos(math.pi * 5 / 6)) / 2, rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("seconds_a_step,saved_after_epochs", [(50, [1, 2, 3, 4]), (20, [2, 4]), (5, [4])])
+def test_checkpoints_are_written_by_the_shared_clock_and_at_the_end(tiny_data, tmp_path, monkeypatch,
+                                                                   seconds_a_step, saved_after_epochs):
+    # 3 steps an epoch; --save-every 2 minutes on the clock the ranks agree on (here a scripted one): saved when two
+    # minutes have passed since the last save, and always after the last epoch
+    real_agree, steps, saved = train.agree, [0], []
+    def scripted_clock(loss, signal, world, clock=0.0):
+        steps[0] += 1
+        return real_agree(loss, signal, world, steps[0] * seconds_a_step)
+    monkeypatch.setattr(train, "agree", scripted_clock)
+    real_save = train.save_checkpoint
+    monkeypatch.setattr(train, "save_checkpoint", lambda state, path: (saved.append(state["epoch"]), real_save(state, path)))
+    ckpt = train_run(tiny_data, tmp_path, "--epochs", "4", "--save-every", "2", "--eval-every", "0")
+    assert saved == saved_after_epochs and ckpt["epoch"] == 4

@@ -55,7 +55,8 @@ def test_budget_is_decided_on_rank_0s_clock_not_a_ranks_own():
     """train_step's stop for --minutes follows the clock agreed at the step's sync: rank 0's. A rank whose own clock
     has run past the budget keeps going until rank 0's has (without a process group, the others' clock reads 0)."""
     args = SimpleNamespace(hflip=0, drop_prob=0.1, min_snr=0, minutes=1.0, lr=1e-3, lr_schedule="constant",
-                           warmup_steps=0, ema_decay=0.9, n_feat=8, image_size=8, cond_bottleneck=0, batch_size=4, seed=0)
+                           warmup_steps=0, ema_decay=0.9, n_feat=8, image_size=8, cond_bottleneck=0, cross_attn=0, adagn=0,
+                           cond_embed="mlp", batch_size=4, seed=0)
     images = torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8)
     cond = torch.zeros(8, 24)
     cond[:, 3] = 1

@@ -80,13 +80,17 @@ def test_samplers_driven_by_the_exact_eps_return_the_data_point():
         assert len(frames) == 4 and frames[0].std() > 0.5  # the strip starts from noise
 
 
-def test_guided_sampling_with_w_zero_ignores_the_unconditional_answer_and_batched_equals_separate():
-    T = 30
+def exact_setup(T=30):
+    """The schedule, x*, the exact-eps model and two conditions of one object: what the guidance tests share."""
     s = ddpm_schedules(1e-4, 0.2, T)
     x_star = torch.rand(3, 8, 8) * 2 - 1
-    model = ExactEps(x_star, s, T)
     cond = torch.zeros(2, 24)
     cond[:, 1] = 1
+    return s, x_star, ExactEps(x_star, s, T), cond
+
+
+def test_guided_sampling_with_w_zero_ignores_the_unconditional_answer_and_batched_equals_separate():
+    s, x_star, model, cond = exact_setup()
     a, _ = sample_images(model, cond, s, w=0.0, sampler="ddim", steps=10)
     torch.testing.assert_close(a, x_star.expand(2, -1, -1, -1))
     b, _ = sample_images(model, cond, s, w=1.5, sampler="ddpm", seed=4, batched_guidance=True)
@@ -122,3 +126,22 @@ def test_ddpm_x0_clipped_step_is_the_posterior_mean_when_x0_is_in_range_and_boun
                                    rtol=0, atol=2e-4)
         wild = ddpm_step(x_t, eps + 50.0, t, zero, s, clip_x0=True)  # x0 prediction far outside the data range
         assert ((wild - s["coef_xt"][t] * x_t).abs() <= s["coef_x0"][t] + 1e-6).all()
+
+
+def test_guidance_interval_guides_only_the_steps_inside_it():
+    # ExactEps pulls the conditional answer to x* and the unconditional one to -x*: each guided step moves x_t
+    s, x_star, model, cond = exact_setup()
+    draw = lambda w, interval: sample_images(model, cond, s, w=w, sampler="ddim", steps=10, w_interval=interval)[0]
+    plain = x_star.expand(2, -1, -1, -1)
+    torch.testing.assert_close(draw(0.0, (0.0, 1.0)), plain)
+    torch.testing.assert_close(draw(2.0, (0.0, 0.0)), plain)  # no step inside: plain conditional sampling
+    torch.testing.assert_close(draw(2.0, (0.3, 0.7)), plain)  # unguided last steps land on the conditional answer
+    assert not torch.allclose(draw(2.0, (0.0, 0.5)), plain)  # guided last steps do not
+    calls = []
+    class Counting(ExactEps):
+        def forward(self, x_t, cond, t_in):
+            calls.append((len(x_t), float(t_in[0])))
+            return super().forward(x_t, cond, t_in)
+    counting = Counting(x_star, s, 30)
+    sample_images(counting, cond, s, w=2.0, sampler="ddim", steps=10, w_interval=(0.3, 0.7))
+    assert all((n == 4) == (0.3 <= t <= 0.7) for n, t in calls)  # a batch of 2N exactly where guided

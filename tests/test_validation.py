@@ -121,3 +121,35 @@ def test_a_first_run_says_its_steps_and_their_times_before_it_starts(tiny_data, 
     assert train.first_run_plan(train.get_args(with_judge), torch.device("cpu"), validates=True) is None
     plan = train.first_run_plan(train.get_args(["--data-dir", tiny_data]), torch.device("cpu"), validates=True)
     assert plan.startswith("first run here, once before training: 1) train its classifier")
+
+
+class RecordingJudge:
+    """A stand-in classifier that keeps the images it is shown."""
+
+    def __init__(self):
+        self.images = []
+
+    def eval(self, images, labels):
+        self.images.append(images.clone())
+        return 0.5
+
+
+def test_validation_draws_what_the_printed_sampling_command_draws(tiny_data, tmp_path, monkeypatch, capsys):
+    # best.pt is chosen on the images the user's next command will make: same sampler, same w, same seed
+    import sample
+    judge = RecordingJudge()
+    monkeypatch.setattr(train, "find_judge", lambda args, data_dir, device: judge)
+    out = tmp_path / "run"
+    train.train(train.get_args(["--data-dir", tiny_data, "--out-dir", str(out), *TINY, "--epochs", "1", "--eval-every",
+                                "1", "--val-sampler", "ddpm", "--val-w", "3", "--precision", "fp32"]))
+    next_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert next_line.endswith(f"next: python sample.py --ckpt {out}/best.pt --w 3")
+    objects = evaluate.load_objects(tiny_data)
+    drawn = {}
+    for name, how in {"printed": ["--w", "3"], "ddim": ["--w", "0.5", "--sampler", "ddim"]}.items():
+        sample.run(sample.get_args(["--ckpt", str(out / "best.pt"), "--split", "val", *how, "--precision", "fp32",
+                                    "--out-dir", str(tmp_path / name)]))
+        drawn[name] = evaluate.load_samples(str(tmp_path / name), "val", objects)[0]
+    validated = judge.images[-1]
+    assert (drawn["printed"] - validated).abs().mean() < 0.01  # PNG rounding and folded BatchNorm apart, the same
+    assert (drawn["ddim"] - validated).abs().mean() > 0.05  # the old validation's DDIM at w 0.5 draws other images
