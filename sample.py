@@ -195,6 +195,12 @@ def run(args) -> None:
           f"{how}, w={args.w}, seed {args.seed}, on {device} ({precision})")
     for split in splits:
         conditions, cond = load_conditions(data_dir, split, objects, run_dir=run_dir_of(args.ckpt))
+        most = model.config.get("max_objects", 3) if model.config.get("cross_attn") else None
+        if most and cond.sum(1).max() > most:
+            i = int(cond.sum(1).argmax())
+            where = split if split.endswith(".json") else f"{split}.json"
+            raise UserError(f"{where}: entry {i} has {len(conditions[i])} objects; this checkpoint's network reads at most "
+                            f"{most} (one token each): give at most {most} per condition, or sample another checkpoint")
         name = os.path.splitext(os.path.basename(split))[0]
         t0 = time.time()
         x0, _ = sample_images(model, cond, sched, args.w, args.sampler, args.steps, args.seed, precision=precision,

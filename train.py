@@ -166,9 +166,13 @@ def first_run_plan(args, device: torch.device, validates: bool) -> str:
 
 
 def resume_state(args, ckpt_path: str) -> dict:
-    """Load the checkpoint to resume; settings not given on the command line come from it, except where the run's
-    files go: that is the folder the checkpoint is read from (a moved run goes on where it now is)."""
+    """Load the checkpoint to resume; settings not given on the command line come from it (a network setting it
+    predates takes its default, not a preset's), except where the run's files go: that is the folder the checkpoint
+    is read from (a moved run goes on where it now is)."""
     ckpt = read_checkpoint(ckpt_path, "nothing to resume; drop --resume to start, or pass the run's --out-dir")
+    for k in MODEL_KEYS:  # a setting newer than the checkpoint: its network was built with the setting's default
+        if k not in ckpt["config"]["train"] and k not in args.explicit:
+            setattr(args, k, make_parser().get_default(k))
     for k, v in ckpt["config"]["train"].items():
         if k in args.explicit and k in MODEL_KEYS and getattr(args, k) != v:
             raise UserError(f"{ckpt_path}: --{k.replace('_', '-')} {getattr(args, k)} differs from the checkpoint's "
@@ -346,8 +350,9 @@ def make_trainer(args, device: torch.device, precision: str, channels_last: bool
                  cond: torch.Tensor, sched: dict) -> Trainer:
     """The state at step 0, built the way train.py builds it (bench.py builds it here too): the network, its EMA
     copy, Adam, the fp16 gradient scaler, the device-resident uint8 images (N, 3, S, S) and conditions (N, 24)."""
+    max_objects = max(3, int(cond.sum(1).max()))  # object tokens: i-CLEVR's 3, or more where the training set has more
     model = ContextUnet(3, args.n_feat, cond.shape[1], args.image_size, bool(args.cond_bottleneck), args.cross_attn,
-                        bool(args.adagn), args.cond_embed).to(device)
+                        bool(args.adagn), args.cond_embed, max_objects).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
@@ -567,6 +572,8 @@ def stop_message(args, r: Trainer, why: str) -> str:
     the preset plans, so the next step of the README's flow comes first."""
     resume = f"python train.py --resume --out-dir {args.out_dir}"
     where = f"{r.epoch} epochs done" + (f", {r.batch} batches into the next" if r.batch else "")
+    if r.epoch >= args.epochs:  # the stop fell on the run's very last step: nothing is left to resume
+        return f"\n{why}: saved {os.path.join(args.out_dir, CKPT)} at step {r.step} ({where}: the run is complete); next: {next_command(args)}"
     return (f"\n{why}: saved {os.path.join(args.out_dir, CKPT)} at step {r.step} ({where}); " +
             (f"next: {next_command(args)} (or train on: {resume})" if why == "time budget" else f"continue with: {resume}"))
 

@@ -189,3 +189,13 @@ def test_ddim_steps_above_t_are_clipped_with_a_notice(trained, tmp_path, capsys,
     sample.main()
     assert "note: --steps 100000 is more than the checkpoint's T = 20: DDIM takes 20 steps" in capsys.readouterr().out
     assert len(os.listdir(tmp_path / "test")) == 32
+
+
+def test_more_objects_than_the_networks_object_tokens_is_refused_by_entry(trained, tmp_path, capsys, monkeypatch):
+    data, _ = trained
+    out = str(tmp_path / "attn")
+    train.train(train.get_args(["--data-dir", data, "--out-dir", out, *TINY, "--epochs", "1", "--cross-attn", "1"]))
+    four = tmp_path / "four.json"
+    four.write_text(json.dumps([["red cube"], ["red cube", "blue cube", "gray sphere", "cyan cylinder"]]))
+    fails(sample, ["--ckpt", f"{out}/ckpt.pt", "--conditions", str(four), "--out-dir", str(tmp_path / "s")], capsys,
+          monkeypatch, f"{four}: entry 1 has 4 objects; this checkpoint's network reads at most 3 (one token each)")

@@ -20,7 +20,7 @@ from schedule import ddpm_schedules
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available on this machine")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--image-size", "16", "--n-feat", "8", "--batch-size", "12", "--T", "20", "--sample-every", "0",
-        "--eval-every", "0"]  # validation is on by default on a GPU; these tests have no judge to spend time on
+        "--eval-every", "0", "--compile", "0"]  # validation and compile are on by default on a GPU: tested on their own
 CUDA = torch.device("cuda")
 
 
@@ -158,7 +158,7 @@ def test_compiled_training_on_cuda_alone_and_under_torchrun(tiny_data, tmp_path)
     args = ["--data-dir", tiny_data, *TINY, "--epochs", "1", "--compile", "1"]
     p = run("train.py", *args, "--out-dir", str(tmp_path / "a"), "--device", "cuda")
     q = run("-m", "torch.distributed.run", "--nproc_per_node=1", "train.py", *args, "--out-dir", str(tmp_path / "b"))
-    assert "device cuda" in p.stdout and "device cuda:0" in q.stdout
+    assert "device cuda" in p.stdout and "device cuda:0" in q.stdout and ", compiled" in p.stdout
     for d in ("a", "b"):
         ckpt = torch.load(tmp_path / d / "ckpt.pt", weights_only=False)
         assert ckpt["epoch"] == 1 and not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])

@@ -68,6 +68,19 @@ def test_resume_with_a_different_model_setting_is_refused_by_name(tiny_data, tmp
                                     "--epochs", "2", "--resume"]))
 
 
+def test_a_preset_checkpoint_from_before_a_network_option_resumes_with_the_network_it_was_trained_with(tiny_data, tmp_path):
+    # the preset now turns --cross-attn on; a checkpoint saved before that option existed has no cross_attn in its
+    # config, and its network has none: the resume must build that network, not the preset's
+    preset = ["--preset", "cpu", "--minutes", "0", "--eval-every", "0"]
+    ckpt = train_run(tiny_data, tmp_path, *preset, "--cross-attn", "0", "--epochs", "1")
+    for key in ("cross_attn", "adagn", "cond_embed"):
+        del ckpt["config"]["train"][key]
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    resumed = train_run(tiny_data, tmp_path, *preset, "--epochs", "2", "--resume")
+    assert resumed["epoch"] == 2 and "cross_attn" not in resumed["config"]["model"]
+    assert resumed["config"]["train"]["cross_attn"] == 0
+
+
 def test_a_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_last_checkpoint(tiny_data, tmp_path, monkeypatch):
     train_run(tiny_data, tmp_path, "--epochs", "1")
     before = (tmp_path / "ckpt.pt").read_bytes()

@@ -90,6 +90,24 @@ def test_a_stop_on_an_epochs_last_batch_resumes_into_the_next_epoch_with_no_empt
     assert [row["epoch"] for row in rows] == [1, 2] and all(row["loss"] > 0 and row["images_per_s"] > 0 for row in rows)
 
 
+def test_a_stop_on_the_runs_very_last_step_says_it_is_done_and_names_the_sampling_command(tiny_data, tmp_path,
+                                                                                          monkeypatch, capsys):
+    real_update, calls = train.ema_update, {"n": 0}
+
+    def update_then_sigterm_at_step_2(*args):
+        real_update(*args)
+        calls["n"] += 1
+        if calls["n"] == 2:  # agreed at step 3's sync: the last batch of the only epoch
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(train, "ema_update", update_then_sigterm_at_step_2)
+    stopped = train_run(tiny_data, tmp_path, "--epochs", "1")
+    assert (stopped["epoch"], stopped["batch"], stopped["step"]) == (1, 0, 3)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "(1 epochs done: the run is complete)" in last and "--resume" not in last
+    assert last.endswith(f"next: python sample.py --ckpt {tmp_path}/ckpt.pt")
+
+
 def test_a_checkpoint_written_at_an_epochs_end_by_an_older_version_resumes_into_the_next_epoch(tiny_data, tmp_path):
     ckpt = train_run(tiny_data, tmp_path, "--epochs", "1")
     ckpt.update(epoch=0, batch=3)  # as 61e9c3d saved a stop on the last batch: epoch 1 of 1 done, at its end
