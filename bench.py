@@ -8,7 +8,7 @@ tensor on the device, the per-step loss sync, the EMA update), the precision --p
 on a GPU), channels_last and fused Adam on CUDA, guidance as one batched forward pass of 2N; for sampling,
 BatchNorm folded into the convolutions and channels_last on any device. "plain" is float32 with TF32 off, NCHW,
 for-each Adam, conditional and unconditional passes run separately, and PNGs decoded every epoch by a DataLoader.
-The once-an-epoch cost (EMA BatchNorm statistics and the checkpoint write) is its own row.
+The cost of each save (EMA BatchNorm statistics and the checkpoint write) is its own row.
 FLOPs are counted with torch.utils.flop_counter (one multiply-add = 2 FLOPs); the peak is a large matrix product
 timed in the same run. Prints a table and writes it as JSON (--json).
 """
@@ -197,7 +197,7 @@ def run(args):
         if args.profile and mode == "fast":
             profiles.append(profiled(step, device, f"{mode}: 5 training steps", args.profile, repeat=5))
         res["train_mfu"] = train_flops * res["train_img_s"] / peak
-        with tempfile.TemporaryDirectory() as tmp:  # what train.py adds once an epoch: EMA statistics and the save
+        with tempfile.TemporaryDirectory() as tmp:  # what train.py adds at each save: EMA statistics and the write
             def save():
                 refresh_bn_stats(r.ema, bn_batches(images, cond, sched, 0.1, 0, 1024, args.batch_size), prec, channels_last)
                 save_checkpoint({"model": r.model.state_dict(), "ema": r.ema.state_dict(),
@@ -247,8 +247,8 @@ def run(args):
 
     names = {"train_img_s": ("training throughput", "img/s", True), "train_mfu": ("training FLOP/s / matmul peak", "", True),
              "train_mem_gib": ("peak memory, training", "GiB", False),
-             "ckpt_s": ("EMA statistics + checkpoint, once an epoch", "s", False),
-             "ckpt_share": ("  as a share of an 18009-image epoch", "", False),
+             "ckpt_s": ("EMA statistics + checkpoint, per save", "s", False),
+             "ckpt_share": ("  its share of an epoch, if saved every epoch", "", False),
              "ddpm_s": (f"sample 32 images, DDPM {args.T} steps, w=0.5", "s", False),
              "ddpm_mfu": ("  its FLOP/s / matmul peak", "", True),
              "ddim_s": ("sample 32 images, DDIM 50 steps, w=0.5", "s", False), "ddim_mfu": ("  its FLOP/s / matmul peak", "", True),

@@ -61,10 +61,11 @@ def sample_images(model: ContextUnet, cond: torch.Tensor, sched: dict, w: float 
                   precision: str = "auto", clip_x0: bool = False, progress: bool = False, w_interval=(0.0, 1.0),
                   cuda_graph: bool = False):
     """Draw one image per row of cond (N, 24). Returns x0 (N, 3, S, S) in [-1, 1] and, if n_frames > 0, that many
-    snapshots of x_t from pure noise to the result. Guidance applies where lo <= t / T <= hi for w_interval (lo, hi),
-    plain conditional steps elsewhere (guidance limited to an interval, arXiv 2404.07724). cuda_graph: on CUDA, each
-    step's forward replayed from a CUDA graph (the same arithmetic, far fewer kernel launches). The noise comes from its own generator seeded with `seed`, so
-    the output does not depend on what else ran before; the same seed gives the same x_T on every device."""
+    snapshots of x_t from pure noise to the result. The noise comes from its own generator seeded with `seed`, so
+    the output does not depend on what else ran before; the same seed gives the same x_T on every device.
+    w_interval (lo, hi): guidance only where lo <= t / T <= hi, plain conditional steps elsewhere (guidance in an
+    interval, arXiv 2404.07724). cuda_graph: on CUDA, each step's forward replayed from a CUDA graph (the same
+    arithmetic, far fewer kernel launches)."""
     device = next(model.parameters()).device
     T = len(sched["beta_t"]) - 1
     sched = {k: v.to(device) for k, v in sched.items()}

@@ -23,7 +23,7 @@ def test_bench_times_train_py_step_and_plain_is_float32_nchw_without_tf32(monkey
     assert ("bf16", True, False, True) in seen  # fast: as asked
     assert ("fp32", False, True, False) in seen  # plain: float32, NCHW weights, TF32 off
     out = capsys.readouterr().out
-    assert "EMA statistics + checkpoint, once an epoch" in out and "plain: fp32 (TF32 off), NCHW" in out
+    assert "EMA statistics + checkpoint, per save" in out and "plain: fp32 (TF32 off), NCHW" in out
     profile = out[out.index("fast: 5 training steps, top 4 operators by self_cpu_time"):]  # after the table
     rules = [i for i, line in enumerate(profile.splitlines()) if line.startswith("-----")]
     # 4 operator rows, each named; which operators they are is the platform's choice (oneDNN or a slow fallback)
