@@ -96,6 +96,7 @@ SWITCH = Number(int, 0, 1, what="0 or 1")
 POSITIVE = Number(float, lo=0, lo_open=True, what="a number > 0")
 PROBABILITY = Number(float, 0, 1, what="a probability in [0, 1]")
 IMAGE_SIZE = Number(int, lo=4, multiple=4, what="a multiple of 4 (the network halves it twice), such as 64")
+FRACTIONS_OF_T = Numbers(float, 0, 1, what="a fraction of T in [0, 1]")  # the noise levels of a guidance interval
 
 
 def run_cli(fn, args) -> None:

@@ -16,7 +16,7 @@ from collections import Counter
 import torch
 from PIL import Image
 
-from cli import POSITIVE_INT, Numbers, Parser, UserError, run_cli
+from cli import FRACTIONS_OF_T, POSITIVE_INT, Numbers, Parser, UserError, run_cli
 from dataset import COLORS, SHAPES, encode, load_objects, read_image, read_json, to_float
 from device import resolve_device
 from rundir import data_dir_of, plot_curves, read_checkpoint, samples_dir_of
@@ -158,7 +158,7 @@ def make_parser():
                    help="with --sweep: comma-separated noise seeds, the same for every w (default: 0,1,2)")
     p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim"], help="with --sweep: the sampler")
     p.add_argument("--steps", type=POSITIVE_INT, default=50, help="with --sweep: DDIM steps")
-    p.add_argument("--w-interval", type=Numbers(float, 0, 1, what="a fraction of T in [0, 1]"), default=[0.0, 1.0],
+    p.add_argument("--w-interval", type=FRACTIONS_OF_T, default=[0.0, 1.0],
                    help="with --sweep: LO,HI, guide only where LO <= t / T <= HI (as sample.py)")
     p.add_argument("--curves", default=None, metavar="RUN_DIR", help="draw RUN_DIR/curves.png from its metrics.jsonl "
                                                                      "(loss and validation accuracy) and stop")

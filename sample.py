@@ -17,7 +17,7 @@ import torchvision
 from PIL import Image
 from tqdm import tqdm
 
-from cli import COUNT, POSITIVE_INT, SWITCH, Number, Numbers, Parser, UserError, ensure_writable, run_cli
+from cli import COUNT, FRACTIONS_OF_T, POSITIVE_INT, SWITCH, Number, Parser, UserError, ensure_writable, run_cli
 from dataset import STRIP_CONDITION, encode, load_conditions, load_objects, to_uint8
 from device import DTYPES, PRECISIONS, autocast, resolve_device, resolve_precision, setup_backends
 from model import ContextUnet, fold_batchnorm
@@ -144,7 +144,7 @@ def make_parser():
     p.add_argument("--conditions", default=None, help="a JSON file of condition lists to sample instead of a split")
     p.add_argument("--w", type=Number(float, lo=0, what="a guidance weight >= 0 (0 is plain conditional sampling)"),
                    default=0.5, help="guidance weight: eps = (1+w) eps_c - w eps_null; 0 = none")
-    p.add_argument("--w-interval", type=Numbers(float, 0, 1, what="a fraction of T in [0, 1]"), default=[0.0, 1.0],
+    p.add_argument("--w-interval", type=FRACTIONS_OF_T, default=[0.0, 1.0],
                    help="LO,HI: guide only the steps with LO <= t / T <= HI, plain conditional steps elsewhere")
     p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="ancestral DDPM or deterministic DDIM")
     p.add_argument("--steps", type=POSITIVE_INT, default=50, help="DDIM steps, at most T (DDPM always takes all T steps)")

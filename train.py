@@ -572,10 +572,11 @@ def stop_message(args, r: Trainer, why: str) -> str:
     the preset plans, so the next step of the README's flow comes first."""
     resume = f"python train.py --resume --out-dir {args.out_dir}"
     where = f"{r.epoch} epochs done" + (f", {r.batch} batches into the next" if r.batch else "")
+    said = f"\n{why}: saved {os.path.join(args.out_dir, CKPT)} at step {r.step} ({where}"
     if r.epoch >= args.epochs:  # the stop fell on the run's very last step: nothing is left to resume
-        return f"\n{why}: saved {os.path.join(args.out_dir, CKPT)} at step {r.step} ({where}: the run is complete); next: {next_command(args)}"
-    return (f"\n{why}: saved {os.path.join(args.out_dir, CKPT)} at step {r.step} ({where}); " +
-            (f"next: {next_command(args)} (or train on: {resume})" if why == "time budget" else f"continue with: {resume}"))
+        return f"{said}: the run is complete); next: {next_command(args)}"
+    return f"{said}); " + (f"next: {next_command(args)} (or train on: {resume})" if why == "time budget"
+                           else f"continue with: {resume}")
 
 
 def train(args) -> ContextUnet:
@@ -606,12 +607,12 @@ def train(args) -> ContextUnet:
             r.next_epoch()
         say(f"resuming {os.path.join(args.out_dir, CKPT)} at epoch {r.epoch}, batch {r.batch}, step {r.step}")
     r.net = wrap(r.model, compile, device)
-    say(describe(args, r, device, n_batches) + (", compiled" if compile else ""))
+    say(describe(args, r, device, n_batches, compile))
     stop = {"signal": None}
     previous_handlers = catch_signals(stop)
     log = open(os.path.join(args.out_dir, METRICS), "a") if rank == 0 else None
     t_start, step0, loss_sum, loss_count, saved_at = time.time(), r.step, 0.0, 0, 0.0
-    scored_epoch = lambda: bool(eval_every) and (r.epoch % eval_every == 0 or r.epoch == args.epochs)
+    every = lambda n: bool(n) and (r.epoch % n == 0 or r.epoch == args.epochs)  # every n epochs, and the last one
     try:
         while r.epoch < args.epochs:
             if r.perm is None:
@@ -633,7 +634,7 @@ def train(args) -> ContextUnet:
                     epoch_done = r.batch == n_batches  # then the resume starts the next epoch, not an empty one
                     if epoch_done:
                         r.next_epoch()
-                    val_acc = checkpoint(r, evaluate=bool(eval_every) and time_up or epoch_done and scored_epoch())
+                    val_acc = checkpoint(r, evaluate=bool(eval_every) and time_up or epoch_done and every(eval_every))
                     if rank == 0:
                         log_epoch(r, log, r.epoch + r.batch / n_batches, time.time() - t_epoch, loss_sum / loss_count,
                                   loss_count, t_start, val_acc, 0)
@@ -643,9 +644,9 @@ def train(args) -> ContextUnet:
             # a checkpoint (EMA statistics, a write of the whole state) every --save-every minutes on the shared clock,
             # not every few seconds on a fast GPU, and wherever a validation, a progress grid (both need the EMA
             # statistics) or the end needs one
-            grid = bool(args.sample_every) and (r.epoch % args.sample_every == 0 or r.epoch == args.epochs)
-            save = scored_epoch() or grid or r.epoch == args.epochs or r.clock - saved_at >= 60 * args.save_every
-            val_acc = checkpoint(r, evaluate=scored_epoch()) if save else None
+            scored, grid = every(eval_every), every(args.sample_every)
+            save = scored or grid or r.epoch == args.epochs or r.clock - saved_at >= 60 * args.save_every
+            val_acc = checkpoint(r, evaluate=scored) if save else None
             saved_at = r.clock if save else saved_at
             if rank == 0:
                 log_epoch(r, log, r.epoch, time.time() - t_epoch, loss_sum / max(loss_count, 1), loss_count, t_start, val_acc,
@@ -673,13 +674,13 @@ def run_config(args, r: Trainer) -> dict:
             "beta2": args.beta2, "schedule": args.schedule, "train": train}
 
 
-def describe(args, r: Trainer, device: torch.device, n_batches: int) -> str:
+def describe(args, r: Trainer, device: torch.device, n_batches: int, compiled: bool = False) -> str:
     """The run's first line: the network, the data, the step, the device and its switches."""
     return (f"ContextUnet: {count_params(r.model) / 1e6:.2f}M parameters, {args.image_size}px, n_feat {args.n_feat}; "
             f"{len(r.images)} images from {args.data_dir}; {n_batches} steps/epoch of {r.bs * r.world}"
             f"{f' ({r.world} processes x {r.bs})' if r.world > 1 else ''}; device {device}, {r.precision}"
             f"{', channels_last' if r.channels_last else ''}{', fused Adam' if r.opt.param_groups[0]['fused'] else ''}"
-            f"{f', stops after {args.minutes:g} min' if args.minutes else ''}")
+            f"{', compiled' if compiled else ''}{f', stops after {args.minutes:g} min' if args.minutes else ''}")
 
 
 def main():
