@@ -168,7 +168,7 @@ def run(args):
     cond = (torch.rand(n_images, 24, device=device) < 0.08).float()
     hp = argparse.Namespace(n_feat=args.n_feat, image_size=args.image_size, batch_size=args.batch_size, lr=1e-4, hflip=1,
                             drop_prob=0.1, ema_decay=0.999, cond_bottleneck=0, cross_attn=0, adagn=0,
-                            cond_embed="mlp", min_snr=0, lr_schedule="constant",
+                            cond_embed="mlp", min_snr=0, prediction="eps", lr_schedule="constant",
                             warmup_steps=0, minutes=0, seed=0)
     modes = {"fast": (precision, cl, fused, False), "plain": ("fp32", False, False, False)}
     if args.compile:

@@ -22,7 +22,7 @@ from dataset import STRIP_CONDITION, encode, load_conditions, load_objects, to_u
 from device import DTYPES, PRECISIONS, autocast, resolve_device, resolve_precision, setup_backends
 from model import ContextUnet, fold_batchnorm
 from rundir import data_dir_of, read_checkpoint, run_dir_of, samples_dir_of
-from schedule import ddim_step, ddpm_schedules, ddpm_step, guided_eps, timesteps
+from schedule import ddim_step, ddpm_schedules, ddpm_step, from_v, guided_eps, timesteps
 
 
 def graphed(model: ContextUnet, device: torch.device, precision: str):
@@ -59,13 +59,14 @@ def graphed(model: ContextUnet, device: torch.device, precision: str):
 def sample_images(model: ContextUnet, cond: torch.Tensor, sched: dict, w: float = 0.5, sampler: str = "ddpm",
                   steps: int = 50, seed: int = 0, n_frames: int = 0, batched_guidance: bool = True,
                   precision: str = "auto", clip_x0: bool = False, progress: bool = False, w_interval=(0.0, 1.0),
-                  cuda_graph: bool = False):
+                  cuda_graph: bool = False, prediction: str = "eps"):
     """Draw one image per row of cond (N, 24). Returns x0 (N, 3, S, S) in [-1, 1] and, if n_frames > 0, that many
     snapshots of x_t from pure noise to the result. The noise comes from its own generator seeded with `seed`, so
     the output does not depend on what else ran before; the same seed gives the same x_T on every device.
     w_interval (lo, hi): guidance only where lo <= t / T <= hi, plain conditional steps elsewhere (guidance in an
     interval, arXiv 2404.07724). cuda_graph: on CUDA, each step's forward replayed from a CUDA graph (the same
-    arithmetic, far fewer kernel launches)."""
+    arithmetic, far fewer kernel launches). prediction: what the network was trained to predict, eps or v (guidance
+    is linear, so it is the same whether applied to v or to the eps that v implies)."""
     device = next(model.parameters()).device
     T = len(sched["beta_t"]) - 1
     sched = {k: v.to(device) for k, v in sched.items()}
@@ -88,17 +89,18 @@ def sample_images(model: ContextUnet, cond: torch.Tensor, sched: dict, w: float 
         guided = w != 0 and w_interval[0] <= t / T <= w_interval[1]
         with autocast(device, precision):
             if not guided:
-                eps = net(x_t, cond, t_in).float()
+                out = net(x_t, cond, t_in).float()
             elif batched_guidance:  # conditional and unconditional halves in one forward pass of 2N
-                eps_c, eps_u = net(torch.cat([x_t, x_t]), torch.cat([cond, null]), t_in.repeat(2)).float().chunk(2)
-                eps = guided_eps(eps_c, eps_u, w)
+                out_c, out_u = net(torch.cat([x_t, x_t]), torch.cat([cond, null]), t_in.repeat(2)).float().chunk(2)
+                out = guided_eps(out_c, out_u, w)
             else:
-                eps = guided_eps(net(x_t, cond, t_in).float(), net(x_t, null, t_in).float(), w)
+                out = guided_eps(net(x_t, cond, t_in).float(), net(x_t, null, t_in).float(), w)
+        x0, eps = from_v(x_t, out, t, sched) if prediction == "v" else (None, out)
         if sampler == "ddpm":
             z = torch.randn(x_t.shape, generator=gen, device=device) if t > 1 else torch.zeros_like(x_t)
-            x_t = ddpm_step(x_t, eps, t, z, sched, clip_x0)
+            x_t = ddpm_step(x_t, eps, t, z, sched, clip_x0, x0)
         else:
-            x_t = ddim_step(x_t, eps, t, t_prev, sched)
+            x_t = ddim_step(x_t, eps, t, t_prev, sched, x0)
         if i + 1 in record:
             frames.append(x_t.float().cpu())
     return x_t.float().clamp(-1, 1).cpu(), frames
@@ -185,7 +187,8 @@ def run(args) -> None:
         splits = [args.split]
     else:
         raise UserError(f"--split {args.split}: no such split; use test, new_test, both or val (or --conditions FILE)")
-    sched = ddpm_schedules(cfg["beta1"], cfg["beta2"], cfg["T"], cfg["schedule"])
+    sched = ddpm_schedules(cfg["beta1"], cfg["beta2"], cfg["T"], cfg["schedule"], bool(cfg.get("zero_snr", 0)))
+    prediction = cfg.get("prediction", "eps")  # checkpoints from before the option predict eps
     if args.sampler == "ddim" and args.steps > cfg["T"]:
         print(f"note: --steps {args.steps} is more than the checkpoint's T = {cfg['T']}: DDIM takes {cfg['T']} steps")
         args.steps = cfg["T"]
@@ -205,7 +208,8 @@ def run(args) -> None:
         name = os.path.splitext(os.path.basename(split))[0]
         t0 = time.time()
         x0, _ = sample_images(model, cond, sched, args.w, args.sampler, args.steps, args.seed, precision=precision,
-                              clip_x0=args.clip_x0, progress=True, w_interval=args.w_interval, cuda_graph=bool(args.cuda_graph))
+                              clip_x0=args.clip_x0, progress=True, w_interval=args.w_interval, cuda_graph=bool(args.cuda_graph),
+                              prediction=prediction)
         seconds = time.time() - t0
         x0 = to_64(x0)
         os.makedirs(os.path.join(out_dir, name), exist_ok=True)
@@ -217,7 +221,7 @@ def run(args) -> None:
         print(f"{name}: {len(x0)} images in {seconds:.1f}s -> {out_dir}/{name}/, {out_dir}/{name}_grid.png")
     strip_cond = encode([STRIP_CONDITION], objects, "the denoising strip")
     _, frames = sample_images(model, strip_cond, sched, args.w, args.sampler, args.steps, args.seed, n_frames=8,
-                              precision=precision, clip_x0=args.clip_x0, w_interval=args.w_interval)
+                              precision=precision, clip_x0=args.clip_x0, w_interval=args.w_interval, prediction=prediction)
     save_grid(to_64(torch.cat(frames)), os.path.join(out_dir, "denoise_strip.png"), nrow=len(frames))
     print(f"done: {', '.join(os.path.splitext(os.path.basename(s))[0] for s in splits)} sampled; "
           f"denoising strip -> {out_dir}/denoise_strip.png; score with: python evaluate.py --samples-dir {out_dir}")

@@ -33,12 +33,12 @@ from evaluator import ensure_classifier, evaluation_model
 from model import ContextUnet, count_params
 from rundir import BEST, CKPT, METRICS, VAL, claim, plot_curves, read_checkpoint, save_checkpoint
 from sample import sample_images, save_grid, to_64
-from schedule import ddpm_schedules, q_sample
+from schedule import ddpm_schedules, q_sample, v_target
 
 DEFAULT_DATA_DIR = "data/synthetic"
 # settings that change the network or the noise process: a checkpoint is only valid with the same ones
-MODEL_KEYS = ("image_size", "n_feat", "T", "beta1", "beta2", "schedule", "cond_bottleneck", "cross_attn", "adagn",
-              "cond_embed")
+MODEL_KEYS = ("image_size", "n_feat", "T", "beta1", "beta2", "schedule", "zero_snr", "prediction", "cond_bottleneck",
+              "cross_attn", "adagn", "cond_embed")
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)  # torch's default for a collective of the training steps
 PREPARE_TIMEOUT = datetime.timedelta(hours=3)  # the other ranks' wait while rank 0 renders, decodes, trains the judge
 BETA = Number(float, 0, 1, lo_open=True, hi_open=True, what="a noise variance in (0, 1)")
@@ -78,6 +78,10 @@ def make_parser(with_defaults: bool = True):
     p.add_argument("--beta1", type=BETA, default=d(1e-4), help="first beta of the schedule (below --beta2)")
     p.add_argument("--beta2", type=BETA, default=d(0.02), help="last beta of the schedule")
     p.add_argument("--schedule", default=d("linear"), choices=["linear", "cosine"], help="noise schedule")
+    p.add_argument("--zero-snr", type=SWITCH, default=d(0), help="1: the schedule rescaled so that x_T is pure noise, "
+                   "as sampling assumes (needs --prediction v)")
+    p.add_argument("--prediction", default=d("eps"), choices=["eps", "v"], help="what the network predicts: the "
+                   "noise eps (report C) or v = sqrt(alphabar) eps - sqrt(1 - alphabar) x0")
     p.add_argument("--cond-bottleneck", type=SWITCH, default=d(0), help="1: the condition also multiplies the "
                                                                         "bottleneck vector (c_e * h + t_e there too)")
     p.add_argument("--cross-attn", type=Number(int, 0, 2, what="0, 1 or 2"), default=d(0), help="1: one token per object and "
@@ -87,7 +91,7 @@ def make_parser(with_defaults: bool = True):
     p.add_argument("--cond-embed", default=d("mlp"), choices=["mlp", "linear"], help="the condition's embedding: "
                    "Linear-GELU-Linear (report C) or one Linear layer")
     p.add_argument("--min-snr", type=Number(float, lo=0), default=d(0), help="Min-SNR loss weighting min(SNR, g) / SNR "
-                                                                            "with this g (5 in the paper); 0: plain MSE, as report C")
+                   "(/ (SNR + 1) with --prediction v) with this g (5 in the paper); 0: plain MSE, as report C")
     p.add_argument("--drop-prob", type=PROBABILITY, default=d(0.1), help="probability of dropping a sample's condition")
     p.add_argument("--ema-decay", type=Number(float, 0, 1, hi_open=True, what="a decay in [0, 1)"), default=d(0.999),
                    help="EMA decay of the weights used for sampling")
@@ -132,6 +136,9 @@ def get_args(argv=None):
     args.explicit = sorted(explicit)
     if args.beta1 >= args.beta2:
         make_parser().error(f"--beta1 {args.beta1:g}: must be below --beta2 {args.beta2:g} (the betas rise with t)")
+    if args.zero_snr and args.prediction == "eps":
+        make_parser().error("--zero-snr 1 with --prediction eps: at zero SNR the noise is x_T itself and says nothing "
+                            "of the image; add --prediction v")
     return args
 
 
@@ -195,21 +202,24 @@ def noisy_batch(x0: torch.Tensor, cond: torch.Tensor, sched: dict, drop_prob: fl
 
 
 def diffusion_loss(model: torch.nn.Module, x0: torch.Tensor, cond: torch.Tensor, sched: dict, drop_prob: float,
-                   precision: str = "fp32", channels_last: bool = False, min_snr: float = 0.0) -> torch.Tensor:
-    """The DDPM objective ||eps - eps_pred(x_t, c, t)||^2 with classifier-free condition dropout. With min_snr = g,
-    each sample's error is weighted by min(SNR_t, g) / SNR_t (Min-SNR, arXiv 2303.09556): the nearly clean steps,
-    where the image already says everything, stop dominating the gradient."""
+                   precision: str = "fp32", channels_last: bool = False, min_snr: float = 0.0,
+                   prediction: str = "eps") -> torch.Tensor:
+    """The DDPM objective ||eps - eps_pred(x_t, c, t)||^2 with classifier-free condition dropout (with prediction
+    "v", ||v - v_pred||^2). With min_snr = g, each sample's error is weighted by min(SNR_t, g) / SNR_t (Min-SNR,
+    arXiv 2303.09556): the nearly clean steps, where the image already says everything, stop dominating the
+    gradient. For v the weight is min(SNR_t, g) / (SNR_t + 1), the same weight on the error of the implied x0."""
     x_t, c, t, eps = noisy_batch(x0, cond, sched, drop_prob)
+    target = eps if prediction == "eps" else v_target(x0, t, eps, sched)
     if channels_last:
         x_t = x_t.contiguous(memory_format=torch.channels_last)
     with autocast(x0.device, precision):
-        eps_pred = model(x_t, c, t.float() / (len(sched["beta_t"]) - 1))
+        pred = model(x_t, c, t.float() / (len(sched["beta_t"]) - 1))
     if not min_snr:
-        return F.mse_loss(eps_pred.float(), eps)
+        return F.mse_loss(pred.float(), target)
     alphabar = sched["alphabar_t"][t]
     snr = alphabar / (1 - alphabar)
-    per_sample = (eps_pred.float() - eps).square().mean(dim=(1, 2, 3))
-    return (per_sample * snr.clamp(max=min_snr) / snr).mean()
+    per_sample = (pred.float() - target).square().mean(dim=(1, 2, 3))
+    return (per_sample * snr.clamp(max=min_snr) / (snr if prediction == "eps" else snr + 1)).mean()
 
 
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -370,7 +380,7 @@ def train_step(r: Trainer, idx: torch.Tensor, step: int, signal: bool = False, c
     (mean loss over ranks, whether a signal reached any rank, whether --minutes is spent on rank 0's clock)."""
     x0 = make_batch(r.images, idx, r.args.hflip)  # (B, 3, S, S) in [-1, 1]
     loss = diffusion_loss(r.net, x0, r.cond[idx], r.sched, r.args.drop_prob, r.precision, r.channels_last,
-                          r.args.min_snr)
+                          r.args.min_snr, r.args.prediction)
     loss_value, signalled, r.clock = agree(loss, signal, r.world, clock if r.rank == 0 else 0.0)
     time_up = bool(r.args.minutes) and r.clock >= 60 * r.args.minutes  # the shared clock: every rank decides alike
     if not math.isfinite(loss_value):
@@ -461,7 +471,7 @@ def validate(r: Trainer) -> float:
     --val-sampler at --val-w: best.pt is chosen by what the printed sampling command will run, or by a cheaper proxy."""
     a = r.args
     x0, _ = sample_images(r.ema, r.val_cond, r.sched, w=a.val_w, sampler=a.val_sampler, steps=a.val_steps, seed=0,
-                          precision=r.precision)
+                          precision=r.precision, prediction=a.prediction)
     return r.judge.eval(to_64(x0), r.val_cond)
 
 
@@ -530,7 +540,7 @@ def log_epoch(r: Trainer, log, epoch: float, seconds: float, loss: float, steps:
 def progress_grid(r: Trainer) -> None:
     """A quick DDIM grid of the first 32 validation conditions, with its own RNG: training is untouched."""
     x0, _ = sample_images(r.ema, r.val_cond[:32], r.sched, w=r.args.val_w, sampler="ddim", steps=50, seed=0,
-                          precision=r.precision)
+                          precision=r.precision, prediction=r.args.prediction)
     os.makedirs(os.path.join(r.args.out_dir, "progress"), exist_ok=True)
     save_grid(to_64(x0), os.path.join(r.args.out_dir, "progress", f"epoch_{r.epoch:04d}.png"))
 
@@ -596,7 +606,8 @@ def train(args) -> ContextUnet:
     ensure_writable(args.out_dir, "--out-dir")
     images, cond, val_cond, judge = prepare(args, rank, device, prep_group, eval_every)
     torch.manual_seed(args.seed + rank)  # noise, t and condition drops differ per rank; the epoch order does not
-    sched = {k: v.to(device) for k, v in ddpm_schedules(args.beta1, args.beta2, args.T, args.schedule).items()}
+    sched = {k: v.to(device) for k, v in ddpm_schedules(args.beta1, args.beta2, args.T, args.schedule,
+                                                                  bool(args.zero_snr)).items()}
     r = make_trainer(args, device, precision, channels_last, fused, images, cond, sched)
     r.rank, r.world, r.bs, r.val_cond, r.judge = rank, world, r.bs // world, val_cond, judge
     n_batches = len(images) // (r.bs * world)  # the ragged last batch is dropped: BatchNorm dislikes tiny batches
@@ -671,7 +682,8 @@ def run_config(args, r: Trainer) -> dict:
     train = {k: v for k, v in vars(args).items() if k not in ("explicit", "resume", "device")}
     train.update({k: os.path.abspath(train[k]) for k in PATHS if train.get(k)})
     return {"model": r.model.config, "data_dir": train["data_dir"], "T": args.T, "beta1": args.beta1,
-            "beta2": args.beta2, "schedule": args.schedule, "train": train}
+            "beta2": args.beta2, "schedule": args.schedule, "zero_snr": args.zero_snr, "prediction": args.prediction,
+            "train": train}
 
 
 def describe(args, r: Trainer, device: torch.device, n_batches: int, compiled: bool = False) -> str:

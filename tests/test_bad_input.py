@@ -173,6 +173,7 @@ def test_every_numeric_option_of_every_script_has_a_checked_range(capsys):
     (sample, ["--w-interval", "0.8,0.2"], "--w-interval 0.8,0.2: must be two fractions LO,HI with LO <= HI"),
     (sample, ["--w-interval", "0.2,1.5"], "--w-interval 0.2,1.5: each value must be a fraction of T in [0, 1]"),
     (train, ["--cross-attn", "3"], "--cross-attn 3: must be 0, 1 or 2 (default 0)"),
+    (train, ["--zero-snr", "1"], "--zero-snr 1 with --prediction eps: at zero SNR the noise is x_T itself"),
     (evaluate, ["--sweep", "0,abc"], "--sweep 0,abc: each value must be a guidance weight >= 0 ('abc' is not)"),
     (evaluator, ["--train", "--epochs", "0"], "--epochs 0: must be a positive integer"),
     (synthetic, ["--scenes", "0"], "--scenes 0: must be a positive integer"),

@@ -54,7 +54,7 @@ def test_a_new_run_in_a_folder_that_holds_a_run_is_refused_naming_both_ways_out_
 def test_budget_is_decided_on_rank_0s_clock_not_a_ranks_own():
     """train_step's stop for --minutes follows the clock agreed at the step's sync: rank 0's. A rank whose own clock
     has run past the budget keeps going until rank 0's has (without a process group, the others' clock reads 0)."""
-    args = SimpleNamespace(hflip=0, drop_prob=0.1, min_snr=0, minutes=1.0, lr=1e-3, lr_schedule="constant",
+    args = SimpleNamespace(hflip=0, drop_prob=0.1, min_snr=0, prediction="eps", minutes=1.0, lr=1e-3, lr_schedule="constant",
                            warmup_steps=0, ema_decay=0.9, n_feat=8, image_size=8, cond_bottleneck=0, cross_attn=0, adagn=0,
                            cond_embed="mlp", batch_size=4, seed=0)
     images = torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8)

@@ -80,6 +80,32 @@ def test_samplers_driven_by_the_exact_eps_return_the_data_point():
         assert len(frames) == 4 and frames[0].std() > 0.5  # the strip starts from noise
 
 
+class ExactV(ExactEps):
+    """The same Bayes-optimal answer as v = sqrt(ab_t) eps - sqrt(1 - ab_t) x*, defined at t = T of a zero-SNR
+    schedule too, where the eps form is 0 / 0."""
+
+    def forward(self, x_t, cond, t_in):
+        t = (t_in * self.T).round().long()
+        target = torch.where(cond.sum(1, keepdim=True)[:, :, None, None] > 0, self.x_star, -self.x_star)
+        # sqrt(ab) eps - sqrt(1 - ab) x* with eps = (x_t - sqrt(ab) x*) / sqrt(1 - ab)
+        return (self.s["sqrtab"][t].view(-1, 1, 1, 1) * x_t - target) / self.s["sqrtmab"][t].view(-1, 1, 1, 1)
+
+
+def test_samplers_driven_by_the_exact_v_on_a_zero_snr_schedule_return_the_data_point():
+    T = 50
+    s = ddpm_schedules(1e-4, 0.2, T, zero_snr=True)
+    assert torch.isinf(s["oneover_sqrta"][T])  # the eps form of the mean cannot take the first step
+    x_star = torch.rand(3, 8, 8) * 2 - 1
+    cond = torch.zeros(3, 24)
+    cond[:, 5] = 1
+    for sampler in ("ddpm", "ddim"):
+        x0, _ = sample_images(ExactV(x_star, s, T), cond, s, w=0.0, sampler=sampler, steps=10, seed=0, prediction="v")
+        torch.testing.assert_close(x0, x_star.expand(3, -1, -1, -1), rtol=1e-3, atol=1e-3)
+        # guidance on v: 3 v(x*) - 2 v(-x*) is the exact v of the point 5 x*, which the samplers return, clipped
+        x0, _ = sample_images(ExactV(x_star, s, T), cond, s, w=2.0, sampler=sampler, steps=10, seed=0, prediction="v")
+        torch.testing.assert_close(x0, (5 * x_star).clamp(-1, 1).expand(3, -1, -1, -1), rtol=1e-3, atol=1e-3)
+
+
 def exact_setup(T=30):
     """The schedule, x*, the exact-eps model and two conditions of one object: what the guidance tests share."""
     s = ddpm_schedules(1e-4, 0.2, T)

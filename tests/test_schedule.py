@@ -83,3 +83,54 @@ def test_min_snr_weights_each_sample_by_min_snr_gamma_over_snr():
     torch.manual_seed(0)
     plain = diffusion_loss(zero_net, x0, cond, s, 0.1)
     assert abs(plain.item() - eps.square().mean().item()) < 1e-6 and got < plain
+
+
+def test_zero_snr_rescale_keeps_the_first_step_ends_at_pure_noise_and_follows_algorithm_1():
+    T = 100
+    s, plain = ddpm_schedules(1e-4, 0.02, T, zero_snr=True), ddpm_schedules(1e-4, 0.02, T)
+    beta = torch.cat([torch.zeros(1, dtype=torch.float64), torch.linspace(1e-4, 0.02, T, dtype=torch.float64)])
+    root = torch.cumprod(1 - beta, 0).sqrt()  # independent float64 sqrt(alphabar_t) before the rescale
+    expected = (root[1:] - root[T]) * root[1] / (root[1] - root[T])  # Lin et al., algorithm 1, over t = 1..T
+    torch.testing.assert_close(s["sqrtab"][1:].double(), expected, rtol=1e-5, atol=1e-7)
+    assert s["sqrtab"][T] == 0 and s["sqrtmab"][T] == 1 and s["beta_t"][T] == 1  # x_T is pure noise
+    assert math.isclose(s["sqrtab"][1].item(), plain["sqrtab"][1].item(), rel_tol=1e-6)
+    assert plain["sqrtab"][T] > 0.1  # what the rescale removes: 13 % of the image left at T by the linear schedule
+    ab = s["alphabar_t"].double()
+    torch.testing.assert_close(s["beta_t"][1:].double(), 1 - ab[1:] / ab[:-1], rtol=1e-5, atol=1e-7)
+    assert (s["alphabar_t"][1:] < s["alphabar_t"][:-1]).all() and (s["beta_t"][1:] > 0).all()
+
+
+def test_v_target_and_from_v_recover_x0_and_eps_at_every_t_including_zero_snr():
+    from schedule import from_v, v_target
+    s = ddpm_schedules(1e-4, 0.02, 50, zero_snr=True)
+    g = torch.Generator().manual_seed(7)
+    x0, eps = torch.rand(2, 3, 4, 4, generator=g) * 2 - 1, torch.randn(2, 3, 4, 4, generator=g)
+    for t in (1, 25, 49, 50):
+        tt = torch.full((2,), t)
+        x_t, v = q_sample(x0, tt, eps, s), v_target(x0, tt, eps, s)
+        x0_back, eps_back = from_v(x_t, v, t, s)
+        torch.testing.assert_close(x0_back, x0, rtol=0, atol=1e-5)
+        torch.testing.assert_close(eps_back, eps, rtol=0, atol=1e-5)
+    torch.testing.assert_close(v_target(x0, torch.full((2,), 50), eps, s), -x0)  # at zero SNR v is -x0
+
+
+def test_min_snr_for_v_weights_by_min_snr_gamma_over_snr_plus_one_and_stays_finite_at_zero_snr():
+    from train import diffusion_loss, noisy_batch
+    from schedule import v_target
+    T, gamma = 20, 1.0
+    s = ddpm_schedules(1e-4, 0.2, T, zero_snr=True)
+    zero_net = lambda x_t, c, t: torch.zeros_like(x_t)  # then the loss is the weighted mean of v^2
+    x0, cond = torch.rand(256, 3, 4, 4, generator=torch.Generator().manual_seed(8)) * 2 - 1, torch.zeros(256, 24)
+    torch.manual_seed(0)
+    _, _, t, eps = noisy_batch(x0, cond, s, 0.1)
+    assert (t == T).any()  # the zero-SNR step is in the batch
+    ab = s["alphabar_t"].double()[t]
+    snr = ab / (1 - ab)
+    v2 = v_target(x0, t, eps, s).double().square().mean((1, 2, 3))
+    torch.manual_seed(0)
+    got = diffusion_loss(zero_net, x0, cond, s, 0.1, min_snr=gamma, prediction="v")
+    expected = (torch.clamp(snr, max=gamma) / (snr + 1) * v2).mean()
+    assert torch.isfinite(got) and abs(got.item() - expected.item()) < 1e-5 * expected.item()
+    torch.manual_seed(0)
+    plain = diffusion_loss(zero_net, x0, cond, s, 0.1, prediction="v")
+    assert abs(plain.item() - v2.mean().item()) < 1e-5 * plain.item()

@@ -134,14 +134,16 @@ class RecordingJudge:
         return 0.5
 
 
-def test_validation_draws_what_the_printed_sampling_command_draws(tiny_data, tmp_path, monkeypatch, capsys):
-    # best.pt is chosen on the images the user's next command will make: same sampler, same w, same seed
+@pytest.mark.parametrize("process", [[], ["--prediction", "v", "--zero-snr", "1"]], ids=["eps", "v,zero-snr"])
+def test_validation_draws_what_the_printed_sampling_command_draws(process, tiny_data, tmp_path, monkeypatch, capsys):
+    # best.pt is chosen on the images the user's next command will make: same sampler, same w, same seed, and the
+    # same noise process and prediction, which sample.py reads from the checkpoint
     import sample
     judge = RecordingJudge()
     monkeypatch.setattr(train, "find_judge", lambda args, data_dir, device: judge)
     out = tmp_path / "run"
     train.train(train.get_args(["--data-dir", tiny_data, "--out-dir", str(out), *TINY, "--epochs", "1", "--eval-every",
-                                "1", "--val-sampler", "ddpm", "--val-w", "3", "--precision", "fp32"]))
+                                "1", "--val-sampler", "ddpm", "--val-w", "3", "--precision", "fp32", *process]))
     next_line = capsys.readouterr().out.strip().splitlines()[-1]
     assert next_line.endswith(f"next: python sample.py --ckpt {out}/best.pt --w 3")
     objects = evaluate.load_objects(tiny_data)
