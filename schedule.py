@@ -72,7 +72,8 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, sched: dict) 
 
 def guided_eps(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, w: float) -> torch.Tensor:
     """Classifier-free guidance in the form eps = (1 + w) eps(x, c) - w eps(x, null): w = 0 is plain conditional
-    sampling (others write the same thing with scale = 1 + w)."""
+    sampling (others write the same thing with scale = 1 + w). Linear, so a v network's outputs are guided the
+    same way: the guided v implies the guided eps."""
     return (1 + w) * eps_cond - w * eps_uncond
 
 
@@ -101,11 +102,10 @@ def ddpm_step(x_t: torch.Tensor, eps_pred: torch.Tensor, t: int, z: torch.Tensor
     same value whenever that prediction lies in [-1, 1]. Given x0_pred (from v), the posterior mean is taken around
     it (clipped with clip_x0), which is finite where the eps form is not. The caller passes z = 0 at t = 1 (no
     noise on the last step)."""
-    if x0_pred is not None:
-        x0 = x0_pred.clamp(-1, 1) if clip_x0 else x0_pred
+    if x0_pred is not None or clip_x0:  # the posterior mean around an x0: v's, or the clipped one from eps
+        x0 = predict_x0(x_t, eps_pred, t, sched) if x0_pred is None else x0_pred  # predict_x0 clips already
+        x0 = x0.clamp(-1, 1) if clip_x0 else x0
         mean = sched["coef_x0"][t] * x0 + sched["coef_xt"][t] * x_t
-    elif clip_x0:
-        mean = sched["coef_x0"][t] * predict_x0(x_t, eps_pred, t, sched) + sched["coef_xt"][t] * x_t
     else:
         mean = sched["oneover_sqrta"][t] * (x_t - sched["mab_over_sqrtmab"][t] * eps_pred)
     return mean + sched["sqrt_beta_t"][t] * z
