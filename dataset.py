@@ -5,6 +5,7 @@ stored. Training images are decoded from PNG once, resized to S x S, and cached 
 so later epochs and runs read no PNG.
 """
 import difflib
+import hashlib
 import json
 import os
 from multiprocessing import Pool
@@ -20,6 +21,7 @@ COLORS = ["gray", "red", "blue", "green", "brown", "purple", "cyan", "yellow"]
 SHAPES = ["cube", "sphere", "cylinder"]
 N_CLASSES = len(COLORS) * len(SHAPES)  # index = 8 * shape + colour, as in the course's objects.json
 STRIP_CONDITION = ["red sphere", "cyan cylinder", "cyan cube"]  # the denoising strip the course asks for
+ICLEVR_TRAIN_IMAGES = 18009  # train.json's images, in the course's set and the synthetic one
 
 
 def object_names() -> list:
@@ -34,7 +36,8 @@ def read_json(path: str, what: str):
         with open(path) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise UserError(f"{path}: malformed JSON ({e.msg} at line {e.lineno}, column {e.colno}); fix or replace the file")
+        raise UserError(f"{path}: malformed JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+                        "fix or replace the file")
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: cannot read {what} ({e}); check the file's permissions and encoding")
 
@@ -130,23 +133,47 @@ def _read_image_job(job):
     return read_image(*job)
 
 
+def read_train(data_dir: str) -> dict:
+    """train.json: image file names -> object lists."""
+    train_path = os.path.join(data_dir, "train.json")
+    train = read_json(train_path, "train.json")
+    if not isinstance(train, dict) or not train:
+        raise UserError(f"{train_path}: expected a dict of image file names to object lists")
+    return train
+
+
+def train_fingerprint(data_dir: str, image_dir: str = None) -> str:
+    """A hex digest of train.json and of every training image's size and modification time (one os.stat per file,
+    no pixel read). A re-render into the same folder keeps the names but changes it, so the decode cache and the
+    synthetic set's judge, which both record it, are made again for the new images."""
+    image_dir = find_image_dir(data_dir, image_dir)
+    digest = hashlib.sha256()
+    paths = [os.path.join(image_dir, name) for name in read_train(data_dir)]
+    for path in [os.path.join(data_dir, "train.json")] + paths:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise UserError(f"{path}: image file not found; is the image folder complete?")
+        digest.update(f"{os.path.basename(path)} {st.st_size} {st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 def load_train(data_dir: str, image_dir: str = None, image_size: int = 64, workers: int = None):
     """All training images as a (N, 3, S, S) uint8 tensor and their (N, 24) multi-hot conditions."""
     if image_size % 4:
         raise UserError(f"--image-size {image_size}: must be divisible by 4 (the network halves it twice); try 64")
     objects = load_objects(data_dir)
     train_path = os.path.join(data_dir, "train.json")
-    train = read_json(train_path, "train.json")
-    if not isinstance(train, dict) or not train:
-        raise UserError(f"{train_path}: expected a dict of image file names to object lists")
+    train = read_train(data_dir)
     files = list(train)
     cond = encode(list(train.values()), objects, train_path)
     image_dir = find_image_dir(data_dir, image_dir)
 
-    # the cache is valid for exactly this list of files at this size
+    # the cache is valid for exactly these files, as they are now (a re-render keeps the names), at this size
     cache = os.path.join(data_dir, f"cache_train_{image_size}px.npy")
     key = {"files": len(files), "first": files[0], "last": files[-1], "size": image_size,
-           "image_dir": os.path.abspath(image_dir), "train_json_bytes": os.path.getsize(train_path)}
+           "image_dir": os.path.abspath(image_dir), "train_json_bytes": os.path.getsize(train_path),
+           "fingerprint": train_fingerprint(data_dir, image_dir)}
     try:
         with open(cache + ".json") as f:
             if json.load(f) == key:

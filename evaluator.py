@@ -5,7 +5,8 @@ weights and images: images (N, 3, 64, 64) in [-1, 1], labels (N, 24) multi-hot. 
 the hits are how many of the classifier's k highest outputs are true; accuracy = sum(hits) / sum(k).
 
 `python evaluator.py --train --data-dir DIR` trains the same architecture on a data folder (our synthetic set, where
-the course's weights cannot be used) and saves it in the course's format {'model': state_dict}.
+the course's weights cannot be used) and saves it in the course's format {'model': state_dict}, with 'data': the
+fingerprint of the images it learnt (dataset.train_fingerprint), so that a re-rendered set gets a new judge.
 """
 import os
 import time
@@ -15,7 +16,7 @@ import torch.nn as nn
 import torchvision
 
 from cli import COUNT, POSITIVE, POSITIVE_INT, Number, Parser, UserError, run_cli
-from dataset import N_CLASSES, load_conditions, load_objects, load_train, read_image, to_float
+from dataset import N_CLASSES, load_conditions, load_objects, load_train, read_image, to_float, train_fingerprint
 from device import autocast, resolve_device, resolve_precision
 
 CLASSIFIER_TIME = {  # the default judge on the synthetic set, measured (docs/RESULTS.md)
@@ -146,6 +147,7 @@ def train_classifier(args) -> None:
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
+    data = train_fingerprint(args.data_dir, args.image_dir)  # before reading: images changed meanwhile make it stale
     images, cond = load_train(args.data_dir, args.image_dir, 64)
     with open(os.path.join(args.data_dir, "train.json")) as f:
         scenes = [scene_of(name) for name in json.load(f)]
@@ -181,7 +183,8 @@ def train_classifier(args) -> None:
             sched.step()
             done = epoch * steps_per_epoch + i + 1
             left = (time.time() - t0) / done * (args.epochs * steps_per_epoch - done)
-            bar.set_postfix(loss=f"{loss.item():.4f}", all_left=tqdm.format_interval(left))  # every epoch's, not this one's
+            # every epoch's, not this one's
+            bar.set_postfix(loss=f"{loss.item():.4f}", all_left=tqdm.format_interval(left))
         net.eval()
         with torch.no_grad():
             probs = torch.cat([net(b.to(device, memory_format=torch.channels_last)).float().cpu()
@@ -189,7 +192,7 @@ def train_classifier(args) -> None:
         hits, ks = topk_hits(probs, y_val)
         tqdm.write(f"classifier epoch {epoch + 1}: held-out top-k accuracy {sum(hits) / sum(ks):.4f}")
     minutes = (time.time() - t0) / 60
-    save_checkpoint({"model": net.state_dict()}, args.out)
+    save_checkpoint({"model": net.state_dict(), "data": data}, args.out)
     judge = evaluation_model(args.out, device)
     print(f"held-out scenes: top-k accuracy {judge.eval(to_float(x_val), y_val):.4f} ({len(x_val)} images)")
     objects = load_objects(args.data_dir)
@@ -200,22 +203,43 @@ def train_classifier(args) -> None:
     print(f"saved {args.out} after {args.epochs} epochs in {minutes:.1f} min on {device} ({precision})")
 
 
+def trained_on(path: str) -> str:
+    """The fingerprint of the images a judge of ours learnt ('data'); None for the course's weights, a judge saved
+    before it was recorded, or an unreadable file (evaluation_model names its problem when it loads it)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: the weights are not read
+    except Exception:  # any unpickling error: not a judge of ours
+        return None
+    return state.get("data") if isinstance(state, dict) else None
+
+
 def will_train_judge(data_dir: str, classifier: str = None, rendering: bool = False) -> bool:
-    """Whether ensure_classifier trains a judge: none given, none at DATA_DIR/checkpoint.pth, and the data synthetic
-    (rendering: it is about to be rendered there, so it will be)."""
+    """Whether ensure_classifier trains a judge: none given, the data synthetic (rendering: it is about to be rendered
+    there, so it will be), and DATA_DIR/checkpoint.pth missing or trained by us on other images (the set was
+    re-rendered since). One without 'data' (the course's weights, or an older judge) is used as it is."""
     synthetic = rendering or os.path.isfile(os.path.join(data_dir, "synthetic.json"))
-    return not classifier and not os.path.isfile(os.path.join(data_dir, "checkpoint.pth")) and synthetic
+    if classifier or not synthetic:
+        return False
+    path = os.path.join(data_dir, "checkpoint.pth")
+    if not os.path.isfile(path):
+        return True
+    data = trained_on(path)
+    return data is not None and (rendering or data != train_fingerprint(data_dir))
 
 
 def ensure_classifier(data_dir: str, classifier: str = None, device: str = "auto") -> str:
-    """The judge's weights: `classifier` if given, else DATA_DIR/checkpoint.pth. On the synthetic set a missing one
-    is trained there first (once); for the course's data only the course's weights are the judge, so none is made
-    up. Returns the path, which exists unless the course's weights are missing."""
+    """The judge's weights: `classifier` if given, else DATA_DIR/checkpoint.pth. On the synthetic set a missing one,
+    or one we trained on other images, is trained there first (once); for the course's data only the course's weights
+    are the judge, so none is made up. Returns the path, which exists unless the course's weights are missing."""
     path = classifier or os.path.join(data_dir, "checkpoint.pth")
     if not will_train_judge(data_dir, classifier):
         return path
-    print(f"no classifier at {path}: the data is synthetic, so training one there first (once: "
-          f"{CLASSIFIER_TIME[resolve_device(device).type]})")
+    wait = CLASSIFIER_TIME[resolve_device(device).type]
+    if os.path.isfile(path):  # the old judge stays until the new one is saved whole (save_checkpoint renames)
+        print(f"the classifier {path} was trained on other images (the set was re-rendered since): training it "
+              f"again ({wait})")
+    else:
+        print(f"no classifier at {path}: the data is synthetic, so training one there first (once: {wait})")
     train_classifier(make_parser().parse_args(["--train", "--data-dir", data_dir, "--out", path, "--device", device]))
     return path
 

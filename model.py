@@ -56,7 +56,8 @@ class UnetDown(nn.Module):
 class UnetUp(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int = 0):
         super().__init__()
-        self.net = nn.Sequential(nn.ConvTranspose2d(in_ch, out_ch, 2, 2), ResidualConvBlock(out_ch, out_ch, emb_dim=emb_dim),
+        self.net = nn.Sequential(nn.ConvTranspose2d(in_ch, out_ch, 2, 2),
+                                 ResidualConvBlock(out_ch, out_ch, emb_dim=emb_dim),
                                  ResidualConvBlock(out_ch, out_ch, emb_dim=emb_dim))
 
     def forward(self, x, skip, emb=None):
@@ -99,7 +100,8 @@ class CrossAttention(nn.Module):
 
     def __init__(self, ch: int, token_dim: int, head_dim: int = 32):
         super().__init__()
-        self.heads = max(1, ch // head_dim)
+        # the most heads of about head_dim channels that split ch evenly (n_feat 56: 112 channels -> 2 heads, not 3)
+        self.heads = next(h for h in range(max(1, ch // head_dim), 0, -1) if ch % h == 0)
         self.norm = nn.GroupNorm(8, ch)
         self.q, self.kv = nn.Conv2d(ch, ch, 1), nn.Linear(token_dim, 2 * ch)
         self.proj = nn.Conv2d(ch, ch, 1)
@@ -110,7 +112,8 @@ class CrossAttention(nn.Module):
         n, c, height, width = h.shape
         q = self.q(self.norm(h)).flatten(2).transpose(1, 2)                     # (N, HW, C)
         k, v = self.kv(tokens.to(q.dtype)).chunk(2, dim=-1)                     # (N, K, C) each
-        split = lambda x: x.reshape(n, x.shape[1], self.heads, c // self.heads).transpose(1, 2)  # (N, heads, L, C/heads)
+        # (N, heads, L, C/heads)
+        split = lambda x: x.reshape(n, x.shape[1], self.heads, c // self.heads).transpose(1, 2)
         out = F.scaled_dot_product_attention(split(q), split(k), split(v))      # (N, heads, HW, C/heads)
         out = out.transpose(1, 2).reshape(n, height * width, c).transpose(1, 2).reshape(n, c, height, width)
         return h + self.proj(out)
@@ -150,7 +153,8 @@ class ContextUnet(nn.Module):
         # the bottleneck squeezes the whole S/4 map to one vector, then grows it back: global scene layout
         self.to_vec = nn.Sequential(nn.AvgPool2d(bottom), nn.GELU())
         self.timeembed1, self.timeembed2 = EmbedFC(1, 2 * n_feat), EmbedFC(1, n_feat)
-        self.contextembed1, self.contextembed2 = EmbedFC(n_classes, 2 * n_feat, linear), EmbedFC(n_classes, n_feat, linear)
+        self.contextembed1, self.contextembed2 = (EmbedFC(n_classes, 2 * n_feat, linear),
+                                                  EmbedFC(n_classes, n_feat, linear))
         # optionally the condition also shapes the bottleneck vector, from which up0 draws the whole scene layout
         if cond_bottleneck:
             self.timeembed0, self.contextembed0 = EmbedFC(1, 2 * n_feat), EmbedFC(n_classes, 2 * n_feat, linear)
@@ -174,7 +178,8 @@ class ContextUnet(nn.Module):
             t, cond = t.float().view(-1, 1), cond.float()
             c_e1, t_e1 = self.contextembed1(cond), self.timeembed1(t)  # (N, 2F, 1, 1) each
             c_e2, t_e2 = self.contextembed2(cond), self.timeembed2(t)  # (N, F, 1, 1) each
-            emb = F.silu(self.contextembed_norm(cond) + self.timeembed_norm(t)).flatten(1) if self.adagn else None  # (N, 4F)
+            # (N, 4F)
+            emb = F.silu(self.contextembed_norm(cond) + self.timeembed_norm(t)).flatten(1) if self.adagn else None
             tokens = self.tokens(cond) if self.cross_attn else None  # (N, max_objects, 2F)
         x = self.init_conv(x_t, emb)     # (N, F, S, S)
         down1 = self.down1(x, emb)       # (N, F, S/2, S/2)

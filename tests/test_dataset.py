@@ -1,6 +1,7 @@
 """Reading the course's formats: the real JSON files, bad entries, image conversion and the decode cache."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -59,6 +60,29 @@ def test_train_images_are_decoded_once_then_read_from_the_cache(tiny_data, monke
     monkeypatch.setattr(dataset, "read_image", lambda *a: pytest.fail("a PNG was decoded again"))
     again, _ = load_train(tiny_data, image_size=16, workers=1)
     assert torch.equal(images, again)
+
+
+def rerender_one_image(data_dir: str) -> str:
+    """Rewrite one training PNG of data_dir in place with other pixels, as a re-render with a changed renderer
+    would: same name, same size; its modification time set 10 s later, so the change shows on any file system."""
+    with open(os.path.join(data_dir, "train.json")) as f:
+        name = list(json.load(f))[1]
+    path = os.path.join(data_dir, "iclevr", name)
+    before = os.stat(path)
+    with Image.open(path) as im:
+        Image.new("RGB", im.size, (250, 10, 10)).save(path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 10 ** 10))
+    return path
+
+
+def test_a_rerender_into_the_same_folder_is_decoded_again_not_read_from_the_old_cache(tiny_data, tmp_path):
+    data = str(tmp_path / "data")
+    shutil.copytree(tiny_data, data, ignore=shutil.ignore_patterns("cache_*", "checkpoint.pth"))
+    old, _ = load_train(data, image_size=16, workers=1)
+    path = rerender_one_image(data)
+    new, _ = load_train(data, image_size=16, workers=1)
+    assert torch.equal(new[1], torch.from_numpy(read_image(path, 16)).permute(2, 0, 1))
+    assert not torch.equal(new[1], old[1]) and torch.equal(new[2:], old[2:])
 
 
 def test_pixels_map_to_minus_one_one_and_back():

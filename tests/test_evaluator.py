@@ -1,8 +1,12 @@
 """The score against hand-worked cases and against a plain re-implementation of the course's evaluator."""
+import os
+import shutil
+
 import pytest
 import torch
 
 from cli import UserError
+from dataset import train_fingerprint
 from evaluator import build_classifier, evaluation_model, topk_hits
 
 
@@ -109,6 +113,31 @@ def test_the_synthetic_sets_judge_trains_in_bf16_only_where_auto_says_so(amx, ti
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     out = tmp_path / "judge.pth"
     evaluator.train_classifier(evaluator.make_parser().parse_args(
-        ["--train", "--data-dir", tiny_data, "--epochs", "1", "--batch-size", "16", "--out", str(out), "--device", "cpu"]))
+        ["--train", "--data-dir", tiny_data, "--epochs", "1", "--batch-size", "16", "--out", str(out),
+         "--device", "cpu"]))
     assert capsys.readouterr().out.strip().splitlines()[-1].endswith(f"on cpu ({'bf16' if amx else 'fp32'})")
-    assert list(torch.load(out, weights_only=True)) == ["model"]  # the course's format, nothing added
+    saved = torch.load(out, weights_only=True)
+    assert list(saved) == ["model", "data"]  # the course's format, plus the fingerprint of the images it learnt
+    assert saved["data"] == train_fingerprint(tiny_data)
+
+
+def test_a_judge_trained_on_other_images_is_trained_again_and_the_courses_weights_never(tiny_data, tmp_path,
+                                                                                        monkeypatch, capsys):
+    import evaluator
+    from test_dataset import rerender_one_image
+    data = str(tmp_path / "data")
+    shutil.copytree(tiny_data, data, ignore=shutil.ignore_patterns("cache_*", "checkpoint.pth"))
+    judge = os.path.join(data, "checkpoint.pth")
+    evaluator.train_classifier(evaluator.make_parser().parse_args(
+        ["--train", "--data-dir", data, "--epochs", "1", "--batch-size", "16", "--out", judge, "--device", "cpu"]))
+    assert not evaluator.will_train_judge(data)  # trained on these very images
+    rerender_one_image(data)
+    assert evaluator.will_train_judge(data)
+    assert not evaluator.will_train_judge(data, classifier=judge)  # a judge given by path is the user's choice
+    trained = []
+    monkeypatch.setattr(evaluator, "train_classifier", lambda args: trained.append(args.out))
+    capsys.readouterr()
+    assert evaluator.ensure_classifier(data, device="cpu") == judge and trained == [judge]
+    assert "trained on other images" in capsys.readouterr().out
+    torch.save({"model": torch.load(judge, weights_only=True)["model"]}, judge)  # the course's format: no 'data'
+    assert not evaluator.will_train_judge(data)

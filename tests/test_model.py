@@ -148,3 +148,17 @@ def test_linear_condition_embedding_is_one_layer():
     for e in (m.contextembed0, m.contextembed1, m.contextembed2):
         assert isinstance(e.net, torch.nn.Linear)
     assert isinstance(m.timeembed1.net, torch.nn.Sequential)  # time keeps its MLP
+
+
+@pytest.mark.parametrize("n_feat", [56, 88])
+@pytest.mark.parametrize("cross_attn", [1, 2])
+def test_cross_attention_runs_at_widths_that_are_not_multiples_of_32(n_feat, cross_attn):
+    model = ContextUnet(n_feat=n_feat, image_size=16, cross_attn=cross_attn)
+    x = torch.randn(2, 3, 16, 16)
+    assert model(x, torch.zeros(2, 24), torch.rand(2)).shape == x.shape
+
+
+@pytest.mark.parametrize("ch", [32, 64, 128, 256])
+def test_cross_attention_keeps_one_head_per_32_channels_where_32_divides_the_width(ch):
+    from model import CrossAttention
+    assert CrossAttention(ch, 8).heads == ch // 32
