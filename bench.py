@@ -2,6 +2,7 @@
 
     python bench.py                  # the default model (n_feat 128, 64x64, batch 128) on whatever device is here
     python bench.py --quick          # a small configuration that finishes in about a minute on a 2-core CPU
+    python bench.py --preset cpu     # exactly the CPU preset's network, image size and batch
 
 "fast" is what train.py and sample.py do by default: train.py's own step function (batch gathered from one uint8
 tensor on the device, the per-step loss sync, the EMA update), the precision --precision resolves to (bf16 or fp16
@@ -12,7 +13,6 @@ The cost of each save (EMA BatchNorm statistics and the checkpoint write) is its
 FLOPs are counted with torch.utils.flop_counter (one multiply-add = 2 FLOPs); the peak is a large matrix product
 timed in the same run. Prints a table and writes it as JSON (--json).
 """
-import argparse
 import copy
 import json
 import os
@@ -25,16 +25,14 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from cli import COUNT, IMAGE_SIZE, POSITIVE_INT, SWITCH, Number, Parser
-from dataset import load_train, make_batch, read_image
+from dataset import ICLEVR_TRAIN_IMAGES, load_train, make_batch, read_image
 from device import (DTYPES, PRECISIONS, cpu_has_amx, resolve_channels_last, resolve_device, resolve_precision,
                     resolve_switch, setup_backends)
-from model import ContextUnet, fold_batchnorm
+from model import fold_batchnorm
 from rundir import save_checkpoint
-from sample import sample_images
-from schedule import ddpm_schedules
-from train import bn_batches, make_trainer, refresh_bn_stats, train_step
+from settings import PRESETS, Settings
+from train import bn_batches, build_model, make_trainer, refresh_bn_stats, train_step
 
-EPOCH_IMAGES = 18009  # one epoch of the i-CLEVR training set
 
 
 def sync(device):
@@ -113,24 +111,30 @@ class PngDataset(torch.utils.data.Dataset):
 def make_parser():
     p = Parser(description=__doc__)
     p.add_argument("--data-dir", default="data/synthetic", help="i-CLEVR folder for the data-loading rows")
-    p.add_argument("--image-size", type=IMAGE_SIZE, default=64)
-    p.add_argument("--n-feat", type=POSITIVE_INT, default=128)
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=128)
+    p.add_argument("--preset", default=None, choices=list(PRESETS), help="time exactly this preset's network (its "
+                   "options, width, image size and batch) instead of report C's")
+    p.add_argument("--image-size", type=IMAGE_SIZE, default=None, help="default: 64, or the preset's")
+    p.add_argument("--n-feat", type=POSITIVE_INT, default=None, help="default: 128, or the preset's")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=None, help="default: 128, or the preset's")
     p.add_argument("--T", type=Number(int, lo=50, what="an integer >= 50 (DDIM takes 50 steps)"), default=400,
                    help="DDPM steps for the sampling rows")
     p.add_argument("--train-steps", type=POSITIVE_INT, default=20, help="timed training steps per mode")
-    p.add_argument("--quick", action="store_true", help="32px, n_feat 32, batch 32, T 100, few steps: about a minute on a CPU")
+    p.add_argument("--quick", action="store_true",
+                   help="32px, n_feat 32, batch 32, T 100, few steps: about a minute on a CPU")
     p.add_argument("--no-sample", action="store_true", help="skip the sampling rows (the default model on a CPU "
                                                                "takes most of an hour to sample a split)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="fast mode's precision (plain is fp32)")
-    p.add_argument("--channels-last", default="auto", choices=["auto", "1", "0"], help="fast mode's layout (auto: on CUDA and AMX CPUs)")
+    p.add_argument("--channels-last", default="auto", choices=["auto", "1", "0"],
+                   help="fast mode's layout (auto: on CUDA and AMX CPUs)")
     p.add_argument("--fused-adam", default="auto", choices=["auto", "1", "0"], help="fast mode's Adam (auto: on CUDA)")
     p.add_argument("--compile", type=SWITCH, default=0, help="1: add a column with the training step torch.compiled")
-    p.add_argument("--cuda-graph", type=SWITCH, default=0, help="1: fast mode's sampling rows replay each step's forward "
-                                                                "from a CUDA graph (sample.py --cuda-graph 1)")
-    p.add_argument("--profile", type=COUNT, default=0, help="N > 0: after the table, the top N operators of 5 fast training "
-                                                            "steps and of one fast DDIM 50 draw (torch.profiler)")
+    p.add_argument("--cuda-graph", type=SWITCH, default=0,
+                   help="1: fast mode's sampling rows replay each step's forward "
+                        "from a CUDA graph (sample.py --cuda-graph 1)")
+    p.add_argument("--profile", type=COUNT, default=0,
+                   help="N > 0: after the table, the top N operators of 5 fast training "
+                        "steps and of one fast DDIM 50 draw (torch.profiler)")
     p.add_argument("--json", default=None, help="also write the figures here")
     return p
 
@@ -146,30 +150,32 @@ def main(argv=None):
 def run(args):
     if args.quick:
         args.image_size, args.n_feat, args.batch_size, args.T, args.train_steps = 32, 32, 32, 100, 5
+    preset = PRESETS.get(args.preset, {})
+    for k, default in (("image_size", 64), ("n_feat", 128), ("batch_size", 128)):
+        setattr(args, k, getattr(args, k) or preset.get(k, default))
+    hp = Settings(**{**preset, "n_feat": args.n_feat, "image_size": args.image_size, "batch_size": args.batch_size,
+                     "T": args.T, "seed": 0})
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     cl = resolve_channels_last(args.channels_last, device)
     fused = resolve_switch(args.fused_adam, device, "--fused-adam")
     torch.manual_seed(0)
-    model = ContextUnet(n_feat=args.n_feat, image_size=args.image_size)
+    model = build_model(hp, torch.eye(24)[:3].sum(0, keepdim=True))  # i-CLEVR's 3 object tokens
     flops = counted_flops(model, args.image_size)
     train_flops = counted_flops(model, args.image_size, backward=True)
     setup_backends(device, "fp32")  # each row's peak in its own precision; fp32's with TF32 off, as that row runs
     peaks = {p: matmul_peak(device, p) for p in dict.fromkeys([precision, "fp32"])}
     peak = peaks[precision]
-    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or 'cpu'}, "
-          f"{torch.get_num_threads()} threads); ContextUnet n_feat {args.n_feat}, {args.image_size}px; "
+    print(f"device {device} "
+          f"({torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or 'cpu'}, "
+          f"{torch.get_num_threads()} threads); ContextUnet n_feat {args.n_feat}, {args.image_size}px"
+          f"{f' (--preset {args.preset})' if args.preset else ''}; "
           f"{flops / 1e9:.3f} GFLOP per image forward, {train_flops / 1e9:.3f} forward + backward; "
           f"matmul peak " + ", ".join(f"{p} {v / 1e12:.3f}" for p, v in peaks.items()) + " TFLOP/s")
 
-    sched = {k: v.to(device) for k, v in ddpm_schedules(T=args.T).items()}
     n_images = max(1024, 4 * args.batch_size)  # random uint8 images, gathered from the device as train.py does
     images = torch.randint(0, 256, (n_images, 3, args.image_size, args.image_size), dtype=torch.uint8, device=device)
-    cond = (torch.rand(n_images, 24, device=device) < 0.08).float()
-    hp = argparse.Namespace(n_feat=args.n_feat, image_size=args.image_size, batch_size=args.batch_size, lr=1e-4, hflip=1,
-                            drop_prob=0.1, ema_decay=0.999, cond_bottleneck=0, cross_attn=0, adagn=0,
-                            cond_embed="mlp", min_snr=0, prediction="eps", lr_schedule="constant",
-                            warmup_steps=0, minutes=0, seed=0)
+    cond = torch.zeros(n_images, 24, device=device).scatter_(1, torch.randint(24, (n_images, 3), device=device), 1.0)
     modes = {"fast": (precision, cl, fused, False), "plain": ("fp32", False, False, False)}
     if args.compile:
         modes["compiled"] = (precision, cl, fused, True)
@@ -178,7 +184,7 @@ def run(args):
         setup_backends(device, prec)  # plain: fp32 is float32, TF32 off
         peak = peaks[prec]  # the share of the peak in this row's own precision
         torch.manual_seed(0)
-        r = make_trainer(hp, device, prec, channels_last, fused_adam, images, cond, sched)
+        r = make_trainer(hp, device, prec, channels_last, fused_adam, images, cond)
         if compiled:
             r.net = torch.compile(r.model)
         perm = torch.randperm(n_images, device=device)
@@ -199,19 +205,21 @@ def run(args):
         res["train_mfu"] = train_flops * res["train_img_s"] / peak
         with tempfile.TemporaryDirectory() as tmp:  # what train.py adds at each save: EMA statistics and the write
             def save():
-                refresh_bn_stats(r.ema, bn_batches(images, cond, sched, 0.1, 0, 1024, args.batch_size), prec, channels_last)
+                refresh_bn_stats(r.ema, bn_batches(images, cond, r.diffusion, 0.1, 0, 1024, args.batch_size), prec,
+                                 channels_last)
                 save_checkpoint({"model": r.model.state_dict(), "ema": r.ema.state_dict(),
                                  "optimizer": r.opt.state_dict()}, os.path.join(tmp, "ckpt.pt"))
             res["ckpt_s"] = timed(save, device)
-        res["ckpt_share"] = res["ckpt_s"] / (EPOCH_IMAGES / res["train_img_s"] + res["ckpt_s"])
+        res["ckpt_share"] = res["ckpt_s"] / (ICLEVR_TRAIN_IMAGES / res["train_img_s"] + res["ckpt_s"])
         net = r.ema.eval()
         if mode != "plain":  # sampling folds BatchNorm into the convolutions and uses channels_last, as sample.py does
             net = fold_batchnorm(copy.deepcopy(net)).to(memory_format=torch.channels_last)
         split = cond[:32]
-        for sampler, steps in ((("ddpm", args.T), ("ddim", 50)) if not args.no_sample and not compiled else ()):
-            draw = lambda: sample_images(net, split, sched, w=0.5, sampler=sampler, steps=steps,
-                                         batched_guidance=mode != "plain", precision=prec,
-                                         cuda_graph=bool(args.cuda_graph) and mode == "fast")
+        rows = (("ddpm", args.T), ("ddim", 50), ("dpm", 20))
+        for sampler, steps in (rows if not args.no_sample and not compiled else ()):
+            draw = lambda: r.diffusion.sample(net, split, w=0.5, sampler=sampler, steps=steps,
+                                              batched_guidance=mode != "plain", precision=prec,
+                                              cuda_graph=bool(args.cuda_graph) and mode == "fast")
             draw()  # warm-up
             seconds = timed(draw, device)
             res[f"{sampler}_s"] = seconds
@@ -245,13 +253,17 @@ def run(args):
     else:
         print(f"(no data at {args.data_dir}: data-loading rows skipped; render it with python synthetic.py)")
 
-    names = {"train_img_s": ("training throughput", "img/s", True), "train_mfu": ("training FLOP/s / matmul peak", "", True),
+    names = {"train_img_s": ("training throughput", "img/s", True),
+             "train_mfu": ("training FLOP/s / matmul peak", "", True),
              "train_mem_gib": ("peak memory, training", "GiB", False),
              "ckpt_s": ("EMA statistics + checkpoint, per save", "s", False),
              "ckpt_share": ("  its share of an epoch, if saved every epoch", "", False),
              "ddpm_s": (f"sample 32 images, DDPM {args.T} steps, w=0.5", "s", False),
              "ddpm_mfu": ("  its FLOP/s / matmul peak", "", True),
-             "ddim_s": ("sample 32 images, DDIM 50 steps, w=0.5", "s", False), "ddim_mfu": ("  its FLOP/s / matmul peak", "", True),
+             "ddim_s": ("sample 32 images, DDIM 50 steps, w=0.5", "s", False),
+             "ddim_mfu": ("  its FLOP/s / matmul peak", "", True),
+             "dpm_s": ("sample 32 images, DPM-Solver++ 20 steps, w=0.5", "s", False),
+             "dpm_mfu": ("  its FLOP/s / matmul peak", "", True),
              "load_epoch_s": ("data loading alone, one epoch", "s", False),
              "load_share": ("  as a share of a training epoch", "", False)}
     print(f"\nfast: {precision}{', channels_last' if cl else ''}{', fused Adam' if fused else ''}"

@@ -22,14 +22,17 @@ class Parser(argparse.ArgumentParser):
     """Every script's parser: --help shows defaults, and a bad option is one line `error: ...`, exit status 2 (no
     usage block, no traceback). A Number's complaint is given as `error: --flag VALUE: must be ... (default D)`."""
 
-    def __init__(self, **kw):
+    def __init__(self, defaults=None, **kw):
         super().__init__(formatter_class=HelpFormatter, **kw)
+        self.defaults = defaults  # where the defaults live when the options' own are SUPPRESS (train.py's Settings)
 
     def error(self, message):
         flag, sep, rest = message.removeprefix("argument ").partition(": ")
         action = self._option_string_actions.get(flag.split("/")[0])
         if sep and action and isinstance(action.type, Number):  # Numbers is a Number too
-            default = f" (default {action.default})" if action.default not in (None, argparse.SUPPRESS) else ""
+            default = action.default if action.default is not argparse.SUPPRESS else getattr(self.defaults, action.dest,
+                                                                                             None)
+            default = f" (default {default})" if default is not None else ""
             message = f"{flag} {rest}{default}"
         print(f"error: {message}; see --help", file=sys.stderr)
         sys.exit(2)
@@ -41,7 +44,8 @@ class Number:
     EMA decay. NaN and infinities are refused. `what` names the range in the message."""
 
     def __init__(self, kind=float, lo=None, hi=None, lo_open=False, hi_open=False, multiple=1, what=None):
-        self.kind, self.lo, self.hi, self.lo_open, self.hi_open, self.multiple = kind, lo, hi, lo_open, hi_open, multiple
+        self.kind, self.lo, self.hi = kind, lo, hi
+        self.lo_open, self.hi_open, self.multiple = lo_open, hi_open, multiple
         self.what = what or self.describe()
         self.__name__ = kind.__name__  # argparse names the type in some messages
 

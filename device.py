@@ -73,7 +73,8 @@ def resolve_compile(value, device: torch.device) -> bool:
 
 
 def resolve_channels_last(value, device: torch.device) -> bool:
-    """--channels-last: auto is on for CUDA and for a CPU with AMX, where it was measured with bf16 (docs/RESULTS.md)."""
+    """--channels-last: auto is on for CUDA and for a CPU with AMX, where it was measured with bf16
+    (docs/RESULTS.md)."""
     return resolve_switch(value, device, "--channels-last", on_cpu=cpu_has_amx())
 
 
@@ -99,3 +100,33 @@ def setup_backends(device: torch.device, precision: str, deterministic: bool = F
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic matmuls
     torch.use_deterministic_algorithms(deterministic)
+
+
+def graphed(model, device: torch.device, precision: str):
+    """model(x, cond, t) on CUDA with each input shape captured once in a CUDA graph and then replayed: the
+    sampler's fixed-shape forward becomes one launch instead of about a hundred small kernels."""
+    graphs = {}
+
+    def forward(x, cond, t):
+        key = (tuple(x.shape), tuple(cond.shape))
+        if key not in graphs:
+            static = [x.clone(), cond.clone(), t.clone()]
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side), autocast(device, precision):  # warm-up: cuDNN picks its kernels here
+                for _ in range(2):
+                    model(*static)
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # the autocast cache would hold casts made during capture; captured graphs must not rely on it
+            with torch.cuda.graph(graph), torch.autocast("cuda", dtype=DTYPES[precision], enabled=precision != "fp32",
+                                                         cache_enabled=False):
+                out = model(*static)
+            graphs[key] = graph, static, out
+        graph, static, out = graphs[key]
+        for buffer, value in zip(static, (x, cond, t)):
+            buffer.copy_(value)
+        graph.replay()
+        return out.clone()  # the graph's output buffer is overwritten by the next replay
+
+    return forward

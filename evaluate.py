@@ -20,11 +20,25 @@ from cli import FRACTIONS_OF_T, POSITIVE_INT, Numbers, Parser, UserError, run_cl
 from dataset import COLORS, SHAPES, encode, load_objects, read_image, read_json, to_float
 from device import resolve_device
 from rundir import data_dir_of, plot_curves, read_checkpoint, samples_dir_of
+from schedule import SAMPLERS
 from evaluator import ensure_classifier, evaluation_model, frechet_distance, load_truth, topk_hits
 
 
-def load_samples(samples_dir: str, split: str, objects: dict):
-    """The PNGs and conditions of one sampled split: ((N, 3, 64, 64) in [-1, 1], (N, 24), list of name lists)."""
+def draws_of(samples_dir: str, split: str) -> int:
+    """How many draws of each condition sample.py wrote for a split (OUT/<split>_draws.json; 1 where none)."""
+    path = os.path.join(samples_dir, f"{split}_draws.json")
+    if not os.path.isfile(path):
+        return 1
+    record = read_json(path, "draws record")
+    seeds = record.get("seeds") if isinstance(record, dict) else None
+    if not isinstance(seeds, list) or not seeds:
+        raise UserError(f"{path}: not a draws record of sample.py (no list of seeds); run python sample.py again")
+    return len(seeds)
+
+
+def load_samples(samples_dir: str, split: str, objects: dict, draw: int = 0):
+    """The PNGs and conditions of one draw of a sampled split: ((N, 3, 64, 64) in [-1, 1], (N, 24), list of name
+    lists). Draw 0 is <i>.png, draw k > 0 is <i>_<k>.png."""
     cond_path = os.path.join(samples_dir, f"{split}.json")
     if not os.path.isfile(cond_path):
         raise UserError(f"{cond_path}: no sampled split {split!r} in {samples_dir}; run python sample.py "
@@ -33,9 +47,10 @@ def load_samples(samples_dir: str, split: str, objects: dict):
     cond = encode(conditions, objects, cond_path)
     images = []
     for i in range(len(conditions)):
-        path = os.path.join(samples_dir, split, f"{i}.png")
+        path = os.path.join(samples_dir, split, f"{i}.png" if draw == 0 else f"{i}_{draw}.png")
         if not os.path.isfile(path):
-            raise UserError(f"{path}: image missing ({len(conditions)} expected); run python sample.py again")
+            raise UserError(f"{path}: image missing ({len(conditions)} expected); run python sample.py again"
+                            + (f" with --n-per-condition {draws_of(samples_dir, split)}" if draw else ""))
         images.append(torch.from_numpy(read_image(path, 64, exact=True)).permute(2, 0, 1))  # each PNG opened once
     return to_float(torch.stack(images)), cond, conditions
 
@@ -66,13 +81,18 @@ def breakdown(probs: torch.Tensor, cond: torch.Tensor, conditions: list, names: 
 
 
 def score_split(judge, samples_dir: str, split: str, objects: dict, names: list, truth_feats=None):
-    """The breakdown of one sampled split (with its Frechet distance where truth features are given), and the
-    classifier features of its images."""
+    """The breakdown of draw 0 of a sampled split (the course's single-draw figure, with its Frechet distance where
+    truth features are given) and the classifier features of its images; where sample.py wrote K draws of each
+    condition, r["draws"] holds the accuracy of each."""
     images, cond, conditions = load_samples(samples_dir, split, objects)
     r = breakdown(judge.predict(images), cond, conditions, names)
     feats = judge.features(images)
     if truth_feats is not None:
         r["frechet"] = frechet_distance(feats, truth_feats)
+    k = draws_of(samples_dir, split)
+    if k > 1:
+        r["draws"] = [r["accuracy"]] + [judge.eval(*load_samples(samples_dir, split, objects, d)[:2])
+                                        for d in range(1, k)]
     return r, feats
 
 
@@ -87,7 +107,7 @@ def sweep(args, judge, data_dir, objects, names, splits) -> None:
     import sample
     ws, seeds = args.sweep, args.seeds  # lists, checked by the parser
     truth = {s: truth_features(judge, data_dir, s, objects) for s in splits}
-    tag = f"ddim{args.steps}" if args.sampler == "ddim" else "ddpm"  # a DDPM sweep does not overwrite a DDIM one
+    tag = "ddpm" if args.sampler == "ddpm" else f"{args.sampler}{args.steps}"  # sweeps of two samplers kept apart
     if args.w_interval != [0, 1]:
         tag += f"_interval{args.w_interval[0]:g}-{args.w_interval[1]:g}"
     table = []
@@ -98,7 +118,8 @@ def sweep(args, judge, data_dir, objects, names, splits) -> None:
             sample.run(sample.get_args(["--ckpt", args.ckpt, "--data-dir", data_dir, "--out-dir", out, "--w", str(w),
                                         "--split", args.split,
                                         "--seed", str(seed), "--sampler", args.sampler, "--steps", str(args.steps),
-                                        "--device", args.device, "--w-interval", ",".join(map(str, args.w_interval))]))
+                                        "--device", args.device, "--w-interval", ",".join(map(str, args.w_interval)),
+                                        "--strip", "0"]))
             for s in splits:
                 r, f = score_split(judge, out, s, objects, names)
                 accs[s].append(r["accuracy"])
@@ -110,7 +131,7 @@ def sweep(args, judge, data_dir, objects, names, splits) -> None:
             if truth[s] is not None:  # all seeds pooled: several samples per condition
                 row[s]["frechet"] = frechet_distance(torch.cat(feats[s]), truth[s])
         table.append(row)
-    print(f"\nguidance sweep: {args.sampler}{' ' + str(args.steps) if args.sampler == 'ddim' else ''}, seeds {seeds}, "
+    print(f"\nguidance sweep: {args.sampler}{' ' + str(args.steps) if args.sampler != 'ddpm' else ''}, seeds {seeds}, "
           f"classifier {args.classifier or os.path.join(data_dir, 'checkpoint.pth')}")
     print(f"{'w':>6s}" + "".join(f"  {s + ' acc':>18s}  {'FD':>7s}" for s in splits))
     for row in table:
@@ -123,7 +144,8 @@ def sweep(args, judge, data_dir, objects, names, splits) -> None:
 README_PICTURES = {  # docs/ name: where it comes from (the run folder, or the data folder for the contact sheet)
     "preset_test.png": "samples/test_grid.png", "preset_new_test.png": "samples/new_test_grid.png",
     "preset_denoise_strip.png": "samples/denoise_strip.png", "preset_curves.png": "curves.png",
-    "synthetic_contact_sheet.png": "DATA/contact_sheet.png"}
+    "synthetic_contact_sheet.png": "DATA/contact_sheet.png",
+    "preset_objects.png": "samples/red_cube+blue_sphere+yellow_cylinder_grid.png"}
 
 
 def readme_pictures(run_dir: str, data_dir: str, out_dir: str = "docs", max_bytes: int = 150_000) -> list:
@@ -133,7 +155,8 @@ def readme_pictures(run_dir: str, data_dir: str, out_dir: str = "docs", max_byte
     for name, source in README_PICTURES.items():
         path = source.replace("DATA", data_dir, 1) if source.startswith("DATA") else os.path.join(run_dir, source)
         if not os.path.isfile(path):
-            raise UserError(f"{path}: not found; --pictures wants a run that sample.py has sampled (both splits)")
+            raise UserError(f"{path}: not found; --pictures wants a run that sample.py has sampled (both splits, and "
+                            f"--objects \"red cube\" \"blue sphere\" \"yellow cylinder\" --n 16)")
         img = Image.open(path).convert("RGB")
         while True:
             img.quantize(256, method=Image.Quantize.MEDIANCUT).save(os.path.join(out_dir, name), optimize=True)
@@ -147,8 +170,10 @@ def readme_pictures(run_dir: str, data_dir: str, out_dir: str = "docs", max_byte
 def make_parser():
     p = Parser(description=__doc__)
     p.add_argument("--split", default="both", help="test, new_test, both, val, or the name of any sampled split")
-    p.add_argument("--samples-dir", default=None, help="what sample.py wrote (default: the checkpoint's folder/samples)")
-    p.add_argument("--ckpt", default="out/ckpt.pt", help="the generator's checkpoint, read only to find its data folder")
+    p.add_argument("--samples-dir", default=None,
+                   help="what sample.py wrote (default: the checkpoint's folder/samples)")
+    p.add_argument("--ckpt", default="out/ckpt.pt",
+                   help="the generator's checkpoint, read only to find its data folder")
     p.add_argument("--data-dir", default=None, help="folder with objects.json (default: the checkpoint's)")
     p.add_argument("--classifier", default=None, help="classifier weights (default: DATA_DIR/checkpoint.pth)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -156,14 +181,16 @@ def make_parser():
                    help="comma-separated guidance weights: sample and score each (e.g. 0,0.5,1,2)")
     p.add_argument("--seeds", type=Numbers(int, lo=0, what="a seed >= 0"), default=[0, 1, 2],
                    help="with --sweep: comma-separated noise seeds, the same for every w (default: 0,1,2)")
-    p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim"], help="with --sweep: the sampler")
-    p.add_argument("--steps", type=POSITIVE_INT, default=50, help="with --sweep: DDIM steps")
+    p.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="with --sweep: the sampler (choose w with the "
+                                                                       "one you deploy)")
+    p.add_argument("--steps", type=POSITIVE_INT, default=50, help="with --sweep: DDIM or DPM-Solver++ steps")
     p.add_argument("--w-interval", type=FRACTIONS_OF_T, default=[0.0, 1.0],
                    help="with --sweep: LO,HI, guide only where LO <= t / T <= HI (as sample.py)")
     p.add_argument("--curves", default=None, metavar="RUN_DIR", help="draw RUN_DIR/curves.png from its metrics.jsonl "
                                                                      "(loss and validation accuracy) and stop")
-    p.add_argument("--pictures", default=None, metavar="RUN_DIR", help="write the README's pictures to docs/ from "
-                                                                       "RUN_DIR (sampled) and its data folder, and stop")
+    p.add_argument("--pictures", default=None, metavar="RUN_DIR",
+                   help="write the README's pictures to docs/ from "
+                        "RUN_DIR (sampled) and its data folder, and stop")
     p.add_argument("--docs", default="docs", help="with --pictures: where they go")
     return p
 
@@ -188,7 +215,8 @@ def run(args) -> dict:
     device = resolve_device(args.device)
     args.samples_dir = args.samples_dir or samples_dir_of(args.ckpt)
     data_dir = find_data_dir(args)
-    classifier = ensure_classifier(data_dir, args.classifier, args.device)  # trained first on the synthetic set if missing
+    # trained first on the synthetic set if missing
+    classifier = ensure_classifier(data_dir, args.classifier, args.device)
     judge = evaluation_model(classifier, device)
     objects = load_objects(data_dir)
     names = sorted(objects, key=objects.get)
@@ -197,11 +225,16 @@ def run(args) -> dict:
         return sweep(args, judge, data_dir, objects, names, splits)
     results = {}
     for split in splits:
-        r, _ = score_split(judge, args.samples_dir, split, objects, names, truth_features(judge, data_dir, split, objects))
+        r, _ = score_split(judge, args.samples_dir, split, objects, names,
+                           truth_features(judge, data_dir, split, objects))
         results[split] = r
         order = [k for k in ["1 object", "2 objects", "3 objects"] + COLORS + SHAPES if k in r["by"]]
         fd = f", Frechet distance to ground-truth renders {r['frechet']:.2f}" if "frechet" in r else ""
         print(f"\n{split}: accuracy {r['accuracy']:.4f} over {sum(r['count'].values())} images{fd}")
+        if "draws" in r:
+            a = torch.tensor(r["draws"])
+            print(f"  over {len(a)} draws of each condition: {a.mean():.4f} +- {a.std():.4f} (draw 0 above is the "
+                  f"course's single-draw figure)")
         print("  " + "  ".join(f"{k} {r['by'][k]:.2f}" for k in order))
         if r["missed_names"]:
             print("  most missed: " + ", ".join(f"{n} x{c}" for n, c in r["missed_names"][:6]))
@@ -209,7 +242,7 @@ def run(args) -> dict:
             print(f"  missed: {a:.2f}  {c}")
     with open(os.path.join(args.samples_dir, "eval.jsonl"), "a") as f:
         f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "classifier": classifier,
-                            **{s: {k: results[s][k] for k in ("accuracy", "frechet") if k in results[s]}
+                            **{s: {k: results[s][k] for k in ("accuracy", "frechet", "draws") if k in results[s]}
                                for s in results}}) + "\n")
     print("\nsummary: " + "  ".join(f"{s} {results[s]['accuracy']:.4f}" for s in results)
           + f"  (classifier {classifier})")

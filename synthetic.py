@@ -32,7 +32,8 @@ SIZES = {"large": 0.7, "small": 0.5}  # object "radius" in floor units; the floo
 WIDTH, HEIGHT, SS = 128, 96, 1
 RENDER_TIME = "about 2 minutes on 2 CPU cores"  # the full set, measured (docs/RESULTS.md)
 MIN_VISIBLE = 40  # pixels an object must keep at 64x64, after occlusion ...
-MIN_VISIBLE_FRACTION = 0.6  # ... and this share of its own silhouette: a cube half hidden behind another reads as anything
+# ... and this share of its own silhouette: a cube half hidden behind another reads as anything
+MIN_VISIBLE_FRACTION = 0.6
 FLOOR = np.array([0.66, 0.66, 0.65])
 
 
@@ -353,7 +354,8 @@ def render_dataset(out_dir: str, scenes: int = 6003, seed: int = 0, workers: int
     with open(os.path.join(out_dir, "synthetic.json"), "w") as f:
         json.dump({"scenes": scenes, "seed": seed, "size": [WIDTH, HEIGHT], "minutes": round(minutes, 2),
                    "workers": workers}, f)
-    print(f"synthetic i-CLEVR: {len(rows)} images of {scenes} scenes + {len(truth_jobs) + n_val} ground-truth renders in {out_dir} "
+    print(f"synthetic i-CLEVR: {len(rows)} images of {scenes} scenes + "
+          f"{len(truth_jobs) + n_val} ground-truth renders in {out_dir} "
           f"({minutes:.1f} min on {workers} processes); contact sheet {out_dir}/contact_sheet.png")
 
 
@@ -368,7 +370,8 @@ def add_val(out_dir: str, seed: int = 0, workers: int = None, truth_per_conditio
     val = draw_val(list(lists["train"].values()), [lists["test"], lists["new_test"]], seed=seed)
     with open(os.path.join(out_dir, "val.json"), "w") as f:
         json.dump(val, f)
-    jobs = [(10 ** 5 + i, *job[1:]) for i, job in enumerate(truth_render_jobs(out_dir, {"val": val}, seed, truth_per_condition))]
+    jobs = [(10 ** 5 + i, *job[1:])
+            for i, job in enumerate(truth_render_jobs(out_dir, {"val": val}, seed, truth_per_condition))]
     with Pool(workers or os.cpu_count() or 1) as pool:
         list(pool.imap(render_one, jobs, chunksize=4))
     return len(jobs)

@@ -5,6 +5,17 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHARED_ICLEVR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "iclevr")
+# the one tiny configuration of the tests: a network of 8 channels at 16x16, 3 steps an epoch of tiny_data, T = 20
+TINY = ["--image-size", "16", "--n-feat", "8", "--batch-size", "12", "--T", "20", "--sample-every", "0"]
+
+
+def tiny_run(data, out, *extra) -> dict:
+    """train.py with TINY on a data folder into out (extra flags win); returns the checkpoint it saved."""
+    import torch
+    import train
+    from settings import decide
+    train.train(decide(["--data-dir", str(data), "--out-dir", str(out), *TINY, *extra]))
+    return torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
 
 
 @pytest.fixture(autouse=True)

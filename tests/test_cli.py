@@ -51,23 +51,14 @@ def test_train_sample_evaluate_end_to_end(tiny_data, tmp_path):
     assert "guidance sweep" in p.stdout
 
 
-def test_preset_fills_defaults_and_explicit_flags_win():
-    from train import PRESETS, get_args
-    args = get_args(["--preset", "cpu", "--epochs", "3"])
-    assert args.epochs == 3  # given on the command line: the preset must not overwrite it
-    for key in ("image_size", "n_feat", "batch_size", "lr"):
-        assert getattr(args, key) == PRESETS["cpu"][key], key
-    plain = get_args([])
-    assert (plain.image_size, plain.n_feat, plain.epochs) == (64, 128, 300)
-
-
 def test_the_preset_is_what_the_readme_says():
     with open(os.path.join(ROOT, "README.md")) as f:
-        line = next(l for l in f if l.startswith("# --preset cpu is:"))
-    from train import get_args
-    spelled_out, preset = vars(get_args(line.split(":", 1)[1].split())), vars(get_args(["--preset", "cpu"]))
+        lines = f.read().split("# --preset cpu is:", 1)[1].splitlines()
+    line = lines[0] + " " + " ".join(l[1:] for l in lines[1:] if l.startswith("#   "))  # its continued lines
+    from settings import decide
+    spelled_out, preset = vars(decide(line.split())), vars(decide(["--preset", "cpu"]))
     for key in preset:
-        if key not in ("preset", "explicit"):
+        if key != "preset":
             assert spelled_out[key] == preset[key], key
 
 
@@ -85,7 +76,8 @@ def test_the_readme_cpu_block_runs_as_written_on_a_fresh_folder(tiny_data, tmp_p
     import shlex
     import shutil
     shutil.copytree(tiny_data, tmp_path / "data" / "synthetic", ignore=shutil.ignore_patterns("checkpoint.pth"))
-    tiny = ["--image-size", "16", "--n-feat", "8", "--T", "20", "--batch-size", "12", "--epochs", "2", "--eval-every", "1"]
+    tiny = ["--image-size", "16", "--n-feat", "8", "--T", "20", "--batch-size", "12", "--epochs", "2",
+            "--eval-every", "1"]
     commands = readme_cpu_block()
     assert [c.split()[1] for c in commands] == ["train.py", "sample.py", "evaluate.py"]
     outputs = []
@@ -107,6 +99,8 @@ def test_the_readme_pictures_come_from_a_run_and_each_stays_under_150_kb(tiny_da
     run("train.py", "--data-dir", tiny_data, "--out-dir", out, "--epochs", "1", "--image-size", "16", "--n-feat", "8",
         "--batch-size", "12", "--T", "20", "--sample-every", "0")
     run("sample.py", "--ckpt", f"{out}/ckpt.pt", "--sampler", "ddim", "--steps", "5")
+    run("sample.py", "--ckpt", f"{out}/ckpt.pt", "--objects", "red cube", "blue sphere", "yellow cylinder", "--n", "16",
+        "--sampler", "dpm", "--steps", "5", "--strip", "0")
     p = run("evaluate.py", "--ckpt", f"{out}/ckpt.pt", "--pictures", out, "--docs", str(docs))
     import evaluate
     assert sorted(os.listdir(docs)) == sorted(evaluate.README_PICTURES) and "wrote" in p.stdout

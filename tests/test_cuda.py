@@ -14,8 +14,8 @@ from PIL import Image
 
 import train
 from model import ContextUnet
-from sample import sample_images
-from schedule import ddpm_schedules
+from schedule import Diffusion
+from settings import decide
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available on this machine")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,8 +33,7 @@ def step_on_cuda(precision, channels_last=True):
     x0 = (torch.rand(16, 3, 32, 32, generator=g) * 2 - 1).to(CUDA)
     cond = (torch.rand(16, 24, generator=g) < 0.1).float().to(CUDA)
     torch.manual_seed(2)
-    loss = train.diffusion_loss(model, x0, cond, {k: v.to(CUDA) for k, v in ddpm_schedules(T=50).items()}, 0.1,
-                                precision, channels_last)
+    loss = Diffusion(T=50).loss(model, x0, cond, 0.1, 0.0, precision, channels_last)
     loss.backward()
     return loss.item(), torch.cat([p.grad.flatten().float() for p in model.parameters()])
 
@@ -90,11 +89,13 @@ def run(*args):
 
 
 def test_a_cuda_checkpoint_samples_on_the_cpu_and_a_cpu_checkpoint_resumes_on_cuda(tiny_data, tmp_path):
-    run("train.py", "--data-dir", tiny_data, "--out-dir", str(tmp_path / "g"), *TINY, "--epochs", "1", "--device", "cuda")
+    run("train.py", "--data-dir", tiny_data, "--out-dir", str(tmp_path / "g"), *TINY, "--epochs", "1",
+        "--device", "cuda")
     run("sample.py", "--ckpt", str(tmp_path / "g" / "ckpt.pt"), "--split", "test", "--sampler", "ddim", "--steps", "5",
         "--device", "cpu")
     assert len(os.listdir(tmp_path / "g" / "samples" / "test")) == 32
-    run("train.py", "--data-dir", tiny_data, "--out-dir", str(tmp_path / "c"), *TINY, "--epochs", "1", "--device", "cpu")
+    run("train.py", "--data-dir", tiny_data, "--out-dir", str(tmp_path / "c"), *TINY, "--epochs", "1",
+        "--device", "cpu")
     run("train.py", "--out-dir", str(tmp_path / "c"), "--epochs", "2", "--resume", "--device", "cuda")  # NCHW moments
     ckpt = torch.load(tmp_path / "c" / "ckpt.pt", weights_only=False)  # under channels_last weights, fused Adam
     assert ckpt["step"] == 6
@@ -118,8 +119,8 @@ def test_the_same_seed_gives_the_same_images_twice_on_cuda():
     torch.manual_seed(0)
     model = ContextUnet(n_feat=16, image_size=16).to(CUDA).eval()
     cond = (torch.rand(8, 24) < 0.1).float()
-    a, _ = sample_images(model, cond, ddpm_schedules(T=50), sampler="ddpm", seed=3)
-    b, _ = sample_images(model, cond, ddpm_schedules(T=50), sampler="ddpm", seed=3)
+    a, _ = Diffusion(T=50).sample(model, cond, sampler="ddpm", seed=3)
+    b, _ = Diffusion(T=50).sample(model, cond, sampler="ddpm", seed=3)
     assert torch.equal(a, b)
 
 
@@ -128,9 +129,9 @@ def test_a_short_cuda_run_resumes_to_the_same_state_with_deterministic_kernels(t
     # gradients of convolutions): a resume is then close, not bit-exact
     from test_reliability import assert_same_state
     common = ["--data-dir", tiny_data, *TINY, "--device", "cuda", "--deterministic", "1"]
-    train.train(train.get_args([*common, "--out-dir", str(tmp_path / "a"), "--epochs", "2"]))
-    train.train(train.get_args([*common, "--out-dir", str(tmp_path / "b"), "--epochs", "1"]))
-    train.train(train.get_args([*common, "--out-dir", str(tmp_path / "b"), "--epochs", "2", "--resume"]))
+    train.train(decide([*common, "--out-dir", str(tmp_path / "a"), "--epochs", "2"]))
+    train.train(decide([*common, "--out-dir", str(tmp_path / "b"), "--epochs", "1"]))
+    train.train(decide([*common, "--out-dir", str(tmp_path / "b"), "--epochs", "2", "--resume"]))
     a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False) for d in ("a", "b"))
     assert_same_state(a, b)
 
@@ -212,13 +213,13 @@ def test_sampling_from_cuda_graphs_draws_the_same_images_as_plain_launches():
     model = fold_batchnorm(ContextUnet(n_feat=16, image_size=16).to(CUDA).eval()).to(memory_format=torch.channels_last)
     cond = torch.zeros(6, 24)
     cond[:, 4] = 1
-    sched = ddpm_schedules(T=30)
+    diffusion = Diffusion(T=30)
     for sampler, precision in (("ddim", "fp32"), ("ddpm", "bf16")):
-        plain, _ = sample_images(model, cond, sched, w=2.0, sampler=sampler, steps=10, seed=5, precision=precision)
-        graphed, _ = sample_images(model, cond, sched, w=2.0, sampler=sampler, steps=10, seed=5, precision=precision,
-                                   cuda_graph=True)
+        plain, _ = diffusion.sample(model, cond, w=2.0, sampler=sampler, steps=10, seed=5, precision=precision)
+        graphed, _ = diffusion.sample(model, cond, w=2.0, sampler=sampler, steps=10, seed=5, precision=precision,
+                                      cuda_graph=True)
         torch.testing.assert_close(graphed, plain, rtol=0, atol=1e-5 if precision == "fp32" else 2e-2)
         # unbatched guidance: two forwards a step share one graph; the first's output must survive the second
-        separate, _ = sample_images(model, cond, sched, w=2.0, sampler=sampler, steps=10, seed=5, precision=precision,
-                                    cuda_graph=True, batched_guidance=False)
+        separate, _ = diffusion.sample(model, cond, w=2.0, sampler=sampler, steps=10, seed=5, precision=precision,
+                                       cuda_graph=True, batched_guidance=False)
         torch.testing.assert_close(separate, plain, rtol=0, atol=1e-4 if precision == "fp32" else 5e-2)

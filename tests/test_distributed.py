@@ -8,9 +8,10 @@ import torch
 import torch.multiprocessing as mp
 
 import train
+from conftest import TINY
+from settings import decide
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--image-size", "16", "--n-feat", "8", "--batch-size", "12", "--T", "20", "--sample-every", "0"]
 
 
 def free_port() -> int:
@@ -27,7 +28,7 @@ def worker(rank, world, port, data, out, record):
     seen = []
     real_make_batch = train.make_batch
     train.make_batch = lambda images, idx, hflip: (seen.extend(idx.tolist()), real_make_batch(images, idx, hflip))[1]
-    model = train.train(train.get_args(["--data-dir", data, "--out-dir", out, *TINY, "--epochs", "1"]))
+    model = train.train(decide(["--data-dir", data, "--out-dir", out, *TINY, "--epochs", "1"]))
     torch.save({"seen": seen, "state": model.state_dict()}, os.path.join(record, f"rank{rank}.pt"))
 
 
@@ -62,8 +63,9 @@ import train
 torch.set_num_threads(1)
 calls = [0]
 if int(os.environ["RANK"]) == 1 and {fault!r} == "nan":  # this rank alone sees a non-finite loss, at its first step
-    real_mse = train.F.mse_loss
-    train.F.mse_loss = lambda a, b: real_mse(a, b) * float("nan")
+    import schedule
+    real_mse = schedule.F.mse_loss
+    schedule.F.mse_loss = lambda a, b: real_mse(a, b) * float("nan")
 if int(os.environ["RANK"]) == 1 and {fault!r} == "sigterm":  # this rank alone gets SIGTERM, during its 4th step
     real_update = train.ema_update
     def update(*args):
@@ -77,8 +79,9 @@ if {fault!r} == "slow_prepare":  # a short collective timeout (NCCL's 10 minutes
     real_init = train.dist.init_process_group
     train.dist.init_process_group = lambda *a, **k: real_init(*a, **{{**k, "timeout": datetime.timedelta(seconds=4)}})
     if int(os.environ["RANK"]) == 0:
-        real_prepare = train.prepare_data
-        train.prepare_data = lambda args: (time.sleep(10), real_prepare(args))[1]
+        import prepare
+        real_prepare = prepare.prepare_data
+        prepare.prepare_data = lambda s: (time.sleep(10), real_prepare(s))[1]
 sys.argv = ["train.py"] + {argv!r}
 train.main()
 """
@@ -126,6 +129,7 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step_and_the_resume_is_bit_e
 
 def test_the_other_ranks_wait_as_long_as_rank_0_prepares_the_data(tiny_data, tmp_path):
     # rank 0 renders the set and trains the judge on a first run: minutes, beyond the collectives' timeout
-    results = launch(["--data-dir", tiny_data, "--out-dir", str(tmp_path), *TINY, "--epochs", "1"], fault="slow_prepare")
+    results = launch(["--data-dir", tiny_data, "--out-dir", str(tmp_path), *TINY, "--epochs", "1"],
+                     fault="slow_prepare")
     assert [rc for rc, _, _ in results] == [0, 0], results[1][2][-2000:]
     assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["epoch"] == 1

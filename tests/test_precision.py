@@ -1,6 +1,5 @@
 """Every precision and speed switch executed on the CPU: bf16 and fp16 (with its gradient scaler) against fp32,
 channels_last, fused Adam, and the one place that chooses them for a device."""
-import argparse
 import copy
 import os
 
@@ -9,12 +8,12 @@ import torch
 
 import device as device_module
 import train
-from device import autocast, resolve_precision, setup_backends
+from device import autocast, resolve_precision
 from model import ContextUnet
-from sample import sample_images
-from schedule import ddpm_schedules
+from schedule import Diffusion
+from conftest import TINY, tiny_run
+from settings import decide
 
-TINY = ["--image-size", "16", "--n-feat", "8", "--batch-size", "12", "--T", "20", "--sample-every", "0"]
 CPU = torch.device("cpu")
 
 
@@ -27,7 +26,7 @@ def one_step_grads(precision, channels_last=False):
     g = torch.Generator().manual_seed(1)
     x0, cond = torch.rand(8, 3, 16, 16, generator=g) * 2 - 1, (torch.rand(8, 24, generator=g) < 0.1).float()
     torch.manual_seed(2)  # the same t, eps and condition drops in every precision
-    loss = train.diffusion_loss(model, x0, cond, ddpm_schedules(T=50), 0.1, precision, channels_last)
+    loss = Diffusion(T=50).loss(model, x0, cond, 0.1, 0.0, precision, channels_last)
     loss.backward()
     return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
 
@@ -68,7 +67,7 @@ def test_fused_adam_moves_the_weights_as_for_each_adam():
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_half_precision_training_on_a_tiny_set_has_a_finite_falling_loss(precision, tiny_data, tmp_path):
-    args = train.get_args(["--data-dir", tiny_data, "--out-dir", str(tmp_path), *TINY, "--epochs", "6",
+    args = decide(["--data-dir", tiny_data, "--out-dir", str(tmp_path), *TINY, "--epochs", "6",
                            "--precision", precision, "--lr", "3e-3"])
     train.train(args)
     losses = [float(line.split('"loss": ')[1].split(",")[0]) for line in open(tmp_path / "metrics.jsonl")]
@@ -77,10 +76,10 @@ def test_half_precision_training_on_a_tiny_set_has_a_finite_falling_loss(precisi
 
 
 def test_fp16_scaler_state_survives_a_resume_bit_for_bit(tiny_data, tmp_path):
-    from test_reliability import assert_same_state, train_run
-    straight = train_run(tiny_data, tmp_path / "a", "--epochs", "2", "--precision", "fp16")
-    train_run(tiny_data, tmp_path / "b", "--epochs", "1", "--precision", "fp16")
-    resumed = train_run(tiny_data, tmp_path / "b", "--epochs", "2", "--resume")  # fp16 comes from the checkpoint
+    from test_reliability import assert_same_state
+    straight = tiny_run(tiny_data, tmp_path / "a", "--epochs", "2", "--precision", "fp16")
+    tiny_run(tiny_data, tmp_path / "b", "--epochs", "1", "--precision", "fp16")
+    resumed = tiny_run(tiny_data, tmp_path / "b", "--epochs", "2", "--resume")  # fp16 comes from the checkpoint
     assert straight["scaler"]["scale"] > 0 and straight["scaler"] == resumed["scaler"]
     assert straight["config"]["train"]["precision"] == resumed["config"]["train"]["precision"] == "fp16"
     assert_same_state(straight, resumed)
@@ -90,7 +89,7 @@ def test_a_step_the_fp16_scaler_skips_is_not_a_nan_stop(tiny_data, tmp_path, mon
     # a scale of 2^100 overflows every fp16 gradient: each step is skipped, the scale halves, training goes on
     monkeypatch.setattr(train, "grad_scaler", lambda device, precision: torch.amp.GradScaler(
         device.type, init_scale=2.0 ** 100, enabled=precision == "fp16"))
-    model = train.train(train.get_args(["--data-dir", tiny_data, "--out-dir", str(tmp_path), *TINY, "--epochs", "1",
+    model = train.train(decide(["--data-dir", tiny_data, "--out-dir", str(tmp_path), *TINY, "--epochs", "1",
                                         "--precision", "fp16"]))
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     assert ckpt["step"] == 3 and ckpt["scaler"]["scale"] == 2.0 ** 97  # three skips, three halvings
@@ -101,7 +100,7 @@ def test_a_step_the_fp16_scaler_skips_is_not_a_nan_stop(tiny_data, tmp_path, mon
 
 
 def test_channels_last_and_fused_adam_train_and_are_saved_in_that_layout(tiny_data, tmp_path):
-    train.train(train.get_args(["--data-dir", tiny_data, "--out-dir", str(tmp_path), *TINY, "--epochs", "1",
+    train.train(decide(["--data-dir", tiny_data, "--out-dir", str(tmp_path), *TINY, "--epochs", "1",
                                 "--channels-last", "1", "--fused-adam", "1"]))
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     w = ckpt["model"]["init_conv.conv1.0.weight"]
@@ -115,13 +114,14 @@ def test_half_precision_sampling_agrees_with_fp32(precision):
     model = ContextUnet(n_feat=8, image_size=16).eval()
     cond = torch.zeros(4, 24)
     cond[:, 5] = 1
-    ref, _ = sample_images(model, cond, ddpm_schedules(T=20), sampler="ddim", steps=5, precision="fp32")
-    out, _ = sample_images(model, cond, ddpm_schedules(T=20), sampler="ddim", steps=5, precision=precision)
+    ref, _ = Diffusion(T=20).sample(model, cond, sampler="ddim", steps=5, precision="fp32")
+    out, _ = Diffusion(T=20).sample(model, cond, sampler="ddim", steps=5, precision=precision)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert (out - ref).abs().mean() < 0.05 and not torch.equal(out, ref)  # the half-precision path really ran
 
 
-@pytest.mark.parametrize("capability,expected", [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+@pytest.mark.parametrize("capability,expected",
+                         [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])
 def test_auto_precision_follows_the_cards_compute_capability(monkeypatch, capability, expected):
     # V100 7.0 and T4 / RTX 20xx 7.5 have no bf16 tensor cores, though torch's is_bf16_supported() counts emulation
     gpu = torch.device("cuda")
@@ -144,32 +144,12 @@ def test_auto_on_a_cpu_means_bf16_and_channels_last_only_with_amx(monkeypatch, a
     assert resolve_precision("auto", CPU) == ("bf16" if amx else "fp32")
     assert device_module.resolve_channels_last("auto", CPU) is amx
     assert device_module.resolve_switch("auto", CPU, "--fused-adam") is False  # never measured on a CPU: off
-    train.train(train.get_args(["--data-dir", tiny_data, "--out-dir", str(tmp_path), *TINY, "--epochs", "1"]))
+    train.train(decide(["--data-dir", tiny_data, "--out-dir", str(tmp_path), *TINY, "--epochs", "1"]))
     first = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("ContextUnet:"))
-    assert ("device cpu, bf16, channels_last" in first) if amx else ("device cpu, fp32" in first and "channels" not in first)
+    assert (("device cpu, bf16, channels_last" in first) if amx
+            else ("device cpu, fp32" in first and "channels" not in first))
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
     assert not device_module.cpu_has_amx()  # a build without the private probe counts as no AMX
-
-
-def test_setup_backends_has_its_docstring():
-    assert setup_backends.__doc__ and "TF32" in setup_backends.__doc__
-
-
-def test_backend_switches_for_fixed_shapes_and_for_deterministic_runs():
-    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32,
-             torch.are_deterministic_algorithms_enabled())
-    try:
-        setup_backends(torch.device("cuda"), "bf16")
-        assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
-        assert torch.backends.cudnn.allow_tf32
-        setup_backends(torch.device("cuda"), "fp32", deterministic=True)
-        assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
-        assert torch.are_deterministic_algorithms_enabled() and os.environ["CUBLAS_WORKSPACE_CONFIG"]
-        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32  # fp32 is float32
-    finally:
-        setup_backends(CPU, "fp32")
-        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32 = saved[:3]
-        torch.use_deterministic_algorithms(saved[3])
 
 
 def test_autocast_is_off_for_fp32_and_casts_for_half():
@@ -183,8 +163,8 @@ def test_autocast_is_off_for_fp32_and_casts_for_half():
 
 def test_compiled_training_matches_eager_training(tiny_data, tmp_path):
     # torch.compile (inductor, a C++ compiler on the CPU) of the tiny network's forward and backward: about 20 s
-    eager = train.train(train.get_args(["--data-dir", tiny_data, "--out-dir", str(tmp_path / "e"), *TINY, "--epochs", "1"]))
-    compiled = train.train(train.get_args(["--data-dir", tiny_data, "--out-dir", str(tmp_path / "c"), *TINY,
+    eager = train.train(decide(["--data-dir", tiny_data, "--out-dir", str(tmp_path / "e"), *TINY, "--epochs", "1"]))
+    compiled = train.train(decide(["--data-dir", tiny_data, "--out-dir", str(tmp_path / "c"), *TINY,
                                            "--epochs", "1", "--compile", "1"]))
     ckpt = torch.load(tmp_path / "c" / "ckpt.pt", weights_only=False)
     assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])  # the plain module is saved
@@ -201,9 +181,9 @@ def test_cpu_tests_stay_on_the_cpu_where_cuda_looks_available(monkeypatch):
     from device import resolve_device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto") == CPU
-    driver = ("import torch; torch.cuda.is_available = lambda: True; import train, sample, evaluator, bench; "
-              "print(train.resolve_device('auto'), sample.resolve_device('auto'), evaluator.resolve_device('auto'), "
-              "bench.resolve_device('auto'))")
+    driver = ("import torch; torch.cuda.is_available = lambda: True; "
+              "import distributed, sample, evaluator, bench; print(distributed.resolve_device('auto'), "
+              "sample.resolve_device('auto'), evaluator.resolve_device('auto'), bench.resolve_device('auto'))")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     p = subprocess.run([sys.executable, "-c", driver], cwd=root, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and p.stdout.split() == ["cpu"] * 4, p.stdout[-2000:] + p.stderr[-2000:]
@@ -213,12 +193,12 @@ def test_a_resume_runs_the_adam_this_run_asks_for_not_the_checkpoints(tiny_data,
     # the checkpoint's param groups say fused=False; loaded as they were, the fp16 scaler would hand its scale to
     # unfused Adam ("Expected grad_scale and found_inf to be None")
     common = ["--data-dir", tiny_data, "--out-dir", str(tmp_path), *TINY, "--precision", "fp16"]
-    train.train(train.get_args([*common, "--epochs", "1", "--fused-adam", "0"]))
-    train.train(train.get_args([*common, "--epochs", "2", "--fused-adam", "1", "--resume"]))
+    train.train(decide([*common, "--epochs", "1", "--fused-adam", "0"]))
+    train.train(decide([*common, "--epochs", "2", "--fused-adam", "1", "--resume"]))
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     assert ckpt["step"] == 6 and all(g["fused"] and not g["foreach"] for g in ckpt["optimizer"]["param_groups"])
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
-    train.train(train.get_args([*common, "--epochs", "3", "--fused-adam", "0", "--resume"]))  # and back again
+    train.train(decide([*common, "--epochs", "3", "--fused-adam", "0", "--resume"]))  # and back again
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     assert ckpt["step"] == 9 and not any(g["fused"] for g in ckpt["optimizer"]["param_groups"])
 

@@ -10,16 +10,14 @@ import pytest
 import torch
 
 import rundir
+import schedule
 import train
 from cli import UserError
+from conftest import TINY, tiny_run
+from settings import decide
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--image-size", "16", "--n-feat", "8", "--batch-size", "12", "--T", "20", "--sample-every", "0"]
 
-
-def train_run(data, out, *extra):
-    train.train(train.get_args(["--data-dir", data, "--out-dir", str(out), *TINY, *extra]))
-    return torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
 
 
 def assert_same_state(a, b):
@@ -35,14 +33,14 @@ def assert_same_state(a, b):
 
 
 def test_two_epochs_straight_equal_one_epoch_then_resume_bit_for_bit(tiny_data, tmp_path):
-    straight = train_run(tiny_data, tmp_path / "a", "--epochs", "2")
-    train_run(tiny_data, tmp_path / "b", "--epochs", "1")
-    resumed = train_run(tiny_data, tmp_path / "b", "--epochs", "2", "--resume")
+    straight = tiny_run(tiny_data, tmp_path / "a", "--epochs", "2")
+    tiny_run(tiny_data, tmp_path / "b", "--epochs", "1")
+    resumed = tiny_run(tiny_data, tmp_path / "b", "--epochs", "2", "--resume")
     assert_same_state(straight, resumed)
 
 
 def test_a_stop_in_the_middle_of_an_epoch_resumes_bit_for_bit(tiny_data, tmp_path, monkeypatch):
-    straight = train_run(tiny_data, tmp_path / "a", "--epochs", "2")
+    straight = tiny_run(tiny_data, tmp_path / "a", "--epochs", "2")
     real_update = train.ema_update
     calls = {"n": 0}
 
@@ -53,41 +51,42 @@ def test_a_stop_in_the_middle_of_an_epoch_resumes_bit_for_bit(tiny_data, tmp_pat
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(train, "ema_update", update_then_sigterm_at_step_4)
-    stopped = train_run(tiny_data, tmp_path / "b", "--epochs", "2")
+    stopped = tiny_run(tiny_data, tmp_path / "b", "--epochs", "2")
     # the stop is agreed at the next step's sync (all processes stop on the same step), so step 5 completes too
     assert (stopped["epoch"], stopped["batch"], stopped["step"]) == (1, 2, 5)
     monkeypatch.setattr(train, "ema_update", real_update)
-    resumed = train_run(tiny_data, tmp_path / "b", "--resume")
+    resumed = tiny_run(tiny_data, tmp_path / "b", "--resume")
     assert_same_state(straight, resumed)
 
 
 def test_resume_with_a_different_model_setting_is_refused_by_name(tiny_data, tmp_path):
-    train_run(tiny_data, tmp_path, "--epochs", "1")
+    tiny_run(tiny_data, tmp_path, "--epochs", "1")
     with pytest.raises(UserError, match="--n-feat 16 differs from the checkpoint's 8"):
-        train.train(train.get_args(["--data-dir", tiny_data, "--out-dir", str(tmp_path), *TINY, "--n-feat", "16",
+        train.train(decide(["--data-dir", tiny_data, "--out-dir", str(tmp_path), *TINY, "--n-feat", "16",
                                     "--epochs", "2", "--resume"]))
 
 
-def test_a_preset_checkpoint_from_before_a_network_option_resumes_with_the_network_it_was_trained_with(tiny_data, tmp_path):
+def test_a_preset_checkpoint_from_before_a_network_option_resumes_with_the_network_it_was_trained_with(tiny_data,
+                                                                                                      tmp_path):
     # the preset now turns --cross-attn on; a checkpoint saved before that option existed has no cross_attn in its
     # config, and its network has none: the resume must build that network, not the preset's
     preset = ["--preset", "cpu", "--minutes", "0", "--eval-every", "0"]
-    ckpt = train_run(tiny_data, tmp_path, *preset, "--cross-attn", "0", "--epochs", "1")
+    ckpt = tiny_run(tiny_data, tmp_path, *preset, "--cross-attn", "0", "--epochs", "1")
     for key in ("cross_attn", "adagn", "cond_embed"):
         del ckpt["config"]["train"][key]
     torch.save(ckpt, tmp_path / "ckpt.pt")
-    resumed = train_run(tiny_data, tmp_path, *preset, "--epochs", "2", "--resume")
+    resumed = tiny_run(tiny_data, tmp_path, *preset, "--epochs", "2", "--resume")
     assert resumed["epoch"] == 2 and "cross_attn" not in resumed["config"]["model"]
     assert resumed["config"]["train"]["cross_attn"] == 0
 
 
 def test_a_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_last_checkpoint(tiny_data, tmp_path, monkeypatch):
-    train_run(tiny_data, tmp_path, "--epochs", "1")
+    tiny_run(tiny_data, tmp_path, "--epochs", "1")
     before = (tmp_path / "ckpt.pt").read_bytes()
-    real_mse = train.F.mse_loss
-    monkeypatch.setattr(train.F, "mse_loss", lambda a, b: real_mse(a, b) * float("nan"))
+    real_mse = schedule.F.mse_loss
+    monkeypatch.setattr(schedule.F, "mse_loss", lambda a, b: real_mse(a, b) * float("nan"))
     with pytest.raises(UserError, match=r"loss became nan at epoch 2, step 4"):
-        train_run(tiny_data, tmp_path, "--epochs", "2", "--resume")
+        tiny_run(tiny_data, tmp_path, "--epochs", "2", "--resume")
     assert (tmp_path / "ckpt.pt").read_bytes() == before
 
 
@@ -108,7 +107,8 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_intact(tmp_p
 
 def start_training(data, out):
     return subprocess.Popen([sys.executable, "train.py", "--data-dir", data, "--out-dir", str(out), *TINY,
-                             "--epochs", "100000", "--save-every", "0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--epochs", "100000", "--save-every", "0"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def wait_for_checkpoint(out, proc, timeout=120):
@@ -144,13 +144,13 @@ def test_the_ema_entry_holds_batchnorm_statistics_of_the_ema_weights(tiny_data, 
     from torch.optim.swa_utils import update_bn
     from dataset import load_train
     from model import ContextUnet
-    from schedule import ddpm_schedules
+    from schedule import Diffusion
     # float32, as update_bn runs (on an AMX CPU auto would be bf16, whose statistics differ by about 1%)
-    ckpt = train_run(tiny_data, tmp_path, "--epochs", "2", "--ema-decay", "0.5", "--precision", "fp32")
+    ckpt = tiny_run(tiny_data, tmp_path, "--epochs", "2", "--ema-decay", "0.5", "--precision", "fp32")
     ema = ContextUnet(**ckpt["config"]["model"])
     ema.load_state_dict(ckpt["ema"])
     images, cond = load_train(tiny_data, image_size=16)
-    batches = list(train.bn_batches(images, cond, ddpm_schedules(T=20), 0.1, 42 + ckpt["step"], 36, 12))
+    batches = list(train.bn_batches(images, cond, Diffusion(T=20), 0.1, 42 + ckpt["step"], 36, 12))
 
     class Wrapped(torch.nn.Module):  # update_bn calls model(batch[0])
         def __init__(self):
@@ -168,9 +168,10 @@ def test_the_ema_entry_holds_batchnorm_statistics_of_the_ema_weights(tiny_data, 
             assert not torch.allclose(ckpt["ema"][name], ckpt["model"][name], rtol=1e-3), name  # not copied
 
 
-def test_a_checkpoint_saved_in_nchw_resumes_in_channels_last_with_the_optimizer_state_laid_out_alike(tiny_data, tmp_path):
-    train_run(tiny_data, tmp_path, "--epochs", "1", "--channels-last", "0")
-    resumed = train_run(tiny_data, tmp_path, "--epochs", "2", "--resume", "--channels-last", "1", "--fused-adam", "1")
+def test_a_checkpoint_saved_in_nchw_resumes_in_channels_last_with_the_optimizer_state_laid_out_alike(tiny_data,
+                                                                                                     tmp_path):
+    tiny_run(tiny_data, tmp_path, "--epochs", "1", "--channels-last", "0")
+    resumed = tiny_run(tiny_data, tmp_path, "--epochs", "2", "--resume", "--channels-last", "1", "--fused-adam", "1")
     params = dict(resumed["model"])
     weights = [k for k, v in params.items() if v.dim() == 4]
     for i, name in enumerate(k for k, _ in train.ContextUnet(3, 8, 24, 16).named_parameters()):
@@ -195,8 +196,8 @@ def test_minutes_stops_at_a_step_boundary_saves_and_resumes_exactly(tiny_data, t
     assert 0 < stopped["step"] and stopped["epoch"] < 100000
     assert rows[-1]["elapsed_s"] < 6 + rows[-1]["epoch_s"] + 5  # 0.1 min, then at most the epoch in progress
     epochs = stopped["epoch"] + 2  # finish the epoch it stopped in, and one more
-    straight = train.train(train.get_args([*preset, "--out-dir", str(tmp_path / "a"), "--epochs", str(epochs)]))
-    resumed = train.train(train.get_args(["--resume", "--out-dir", str(tmp_path / "b"), "--epochs", str(epochs),
+    straight = train.train(decide([*preset, "--out-dir", str(tmp_path / "a"), "--epochs", str(epochs)]))
+    resumed = train.train(decide(["--resume", "--out-dir", str(tmp_path / "b"), "--epochs", str(epochs),
                                           "--minutes", "0"]))
     a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False) for d in ("a", "b"))
     assert_same_state(a, b)
@@ -211,7 +212,8 @@ def test_the_cosine_learning_rate_follows_its_closed_form_by_steps_or_by_the_clo
     assert math.isclose(train.learning_rate(args, 100, 50, 999.0), 5e-4)  # half way by steps: the clock is ignored
     assert train.learning_rate(args, 100, 100, 0.0) < 1e-12
     args.minutes = 2  # a time budget: the clock decides, half of 2 minutes is half way
-    assert math.isclose(train.learning_rate(args, 100, 30, 60.0), 5e-4) and train.learning_rate(args, 100, 30, 500.0) < 1e-12
+    assert (math.isclose(train.learning_rate(args, 100, 30, 60.0), 5e-4)
+            and train.learning_rate(args, 100, 30, 500.0) < 1e-12)
     args.lr_schedule, args.warmup_steps = "constant", 0
     assert train.learning_rate(args, 100, 77, 60.0) == 1e-3  # report C
 
@@ -219,7 +221,7 @@ def test_the_cosine_learning_rate_follows_its_closed_form_by_steps_or_by_the_clo
 def test_a_cosine_run_resumes_bit_for_bit_and_ends_near_zero(tiny_data, tmp_path, monkeypatch):
     import math
     cosine = ["--lr-schedule", "cosine", "--warmup-steps", "2", "--epochs", "2"]
-    straight = train_run(tiny_data, tmp_path / "a", *cosine)
+    straight = tiny_run(tiny_data, tmp_path / "a", *cosine)
     real_update, calls = train.ema_update, {"n": 0}
 
     def update_then_sigterm_at_step_3(*args):
@@ -229,9 +231,9 @@ def test_a_cosine_run_resumes_bit_for_bit_and_ends_near_zero(tiny_data, tmp_path
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(train, "ema_update", update_then_sigterm_at_step_3)
-    assert train_run(tiny_data, tmp_path / "b", *cosine)["step"] == 4
+    assert tiny_run(tiny_data, tmp_path / "b", *cosine)["step"] == 4
     monkeypatch.setattr(train, "ema_update", real_update)
-    resumed = train_run(tiny_data, tmp_path / "b", "--resume")  # the schedule and its length come from the checkpoint
+    resumed = tiny_run(tiny_data, tmp_path / "b", "--resume")  # the schedule and its length come from the checkpoint
     assert_same_state(straight, resumed)
     last = resumed["optimizer"]["param_groups"][0]["lr"]  # step 5 of 6: 1e-4 * (1 + cos(pi 5/6)) / 2
     assert math.isclose(last, 1e-4 * (1 + math.cos(math.pi * 5 / 6)) / 2, rel_tol=1e-9)
@@ -248,6 +250,7 @@ def test_checkpoints_are_written_by_the_shared_clock_and_at_the_end(tiny_data, t
         return real_agree(loss, signal, world, steps[0] * seconds_a_step)
     monkeypatch.setattr(train, "agree", scripted_clock)
     real_save = train.save_checkpoint
-    monkeypatch.setattr(train, "save_checkpoint", lambda state, path: (saved.append(state["epoch"]), real_save(state, path)))
-    ckpt = train_run(tiny_data, tmp_path, "--epochs", "4", "--save-every", "2", "--eval-every", "0")
+    monkeypatch.setattr(train, "save_checkpoint",
+                        lambda state, path: (saved.append(state["epoch"]), real_save(state, path)))
+    ckpt = tiny_run(tiny_data, tmp_path, "--epochs", "4", "--save-every", "2", "--eval-every", "0")
     assert saved == saved_after_epochs and ckpt["epoch"] == 4

@@ -3,8 +3,7 @@ whole sampling loops driven by a model whose exact answer is known in closed for
 import torch
 import torch.nn as nn
 
-from sample import sample_images
-from schedule import ddim_step, ddpm_schedules, ddpm_step, guided_eps, q_sample, timesteps
+from schedule import Diffusion, ddim_step, ddpm_schedules, ddpm_step, dpm_step, guided_eps, q_sample, timesteps
 
 
 def test_ddpm_step_mean_is_the_posterior_mean_of_q_x_tminus1_given_x_t_and_x0():
@@ -16,14 +15,16 @@ def test_ddpm_step_mean_is_the_posterior_mean_of_q_x_tminus1_given_x_t_and_x0():
         betas = torch.cat([torch.zeros(1, dtype=torch.float64), torch.linspace(1e-4, 0.02, 400, dtype=torch.float64)])
         beta, ab, ab_prev = betas[t], torch.prod(1 - betas[:t + 1]), torch.prod(1 - betas[:t])
         # DDPM eq. 7: mu~ = sqrt(ab_{t-1}) beta_t / (1 - ab_t) x0 + sqrt(alpha_t) (1 - ab_{t-1}) / (1 - ab_t) x_t
-        mu = (ab_prev.sqrt() * beta / (1 - ab)) * x0.double() + ((1 - beta).sqrt() * (1 - ab_prev) / (1 - ab)) * x_t.double()
+        mu = ((ab_prev.sqrt() * beta / (1 - ab)) * x0.double()
+              + ((1 - beta).sqrt() * (1 - ab_prev) / (1 - ab)) * x_t.double())
         step = ddpm_step(x_t, eps, t, torch.zeros_like(x_t), s)
         torch.testing.assert_close(step.double(), mu, rtol=0, atol=2e-3)  # float32 step; wrong maths is off by >0.01
 
 
 def test_ddpm_step_adds_noise_of_std_sqrt_beta_t():
     s = ddpm_schedules(1e-4, 0.02, 400)
-    x_t, eps, z = torch.zeros(100_000), torch.zeros(100_000), torch.randn(100_000, generator=torch.Generator().manual_seed(2))
+    x_t, eps, z = (torch.zeros(100_000), torch.zeros(100_000),
+                   torch.randn(100_000, generator=torch.Generator().manual_seed(2)))
     out = ddpm_step(x_t, eps, 200, z, s)
     assert abs(out.std().item() - s["beta_t"][200].sqrt().item()) < 1e-3
 
@@ -69,13 +70,13 @@ class ExactEps(nn.Module):
 
 def test_samplers_driven_by_the_exact_eps_return_the_data_point():
     T = 50
-    s = ddpm_schedules(1e-4, 0.2, T)
+    d = Diffusion(T, 1e-4, 0.2)
     x_star = torch.rand(3, 8, 8) * 2 - 1
-    model = ExactEps(x_star, s, T)
+    model = ExactEps(x_star, d.table, T)
     cond = torch.zeros(3, 24)
     cond[:, 5] = 1
-    for sampler in ("ddpm", "ddim"):
-        x0, frames = sample_images(model, cond, s, w=0.0, sampler=sampler, steps=10, seed=0, n_frames=4)
+    for sampler in ("ddpm", "ddim", "dpm"):
+        x0, frames = d.sample(model, cond, w=0.0, sampler=sampler, steps=10, seed=0, n_frames=4)
         torch.testing.assert_close(x0, x_star.expand(3, -1, -1, -1).clamp(-1, 1), rtol=1e-3, atol=1e-3)
         assert len(frames) == 4 and frames[0].std() > 0.5  # the strip starts from noise
 
@@ -93,34 +94,35 @@ class ExactV(ExactEps):
 
 def test_samplers_driven_by_the_exact_v_on_a_zero_snr_schedule_return_the_data_point():
     T = 50
-    s = ddpm_schedules(1e-4, 0.2, T, zero_snr=True)
+    d = Diffusion(T, 1e-4, 0.2, zero_snr=True, prediction="v")
+    s = d.table
     assert torch.isinf(s["oneover_sqrta"][T])  # the eps form of the mean cannot take the first step
     x_star = torch.rand(3, 8, 8) * 2 - 1
     cond = torch.zeros(3, 24)
     cond[:, 5] = 1
-    for sampler in ("ddpm", "ddim"):
-        x0, _ = sample_images(ExactV(x_star, s, T), cond, s, w=0.0, sampler=sampler, steps=10, seed=0, prediction="v")
+    for sampler in ("ddpm", "ddim", "dpm"):
+        x0, _ = d.sample(ExactV(x_star, s, T), cond, w=0.0, sampler=sampler, steps=10, seed=0)
         torch.testing.assert_close(x0, x_star.expand(3, -1, -1, -1), rtol=1e-3, atol=1e-3)
         # guidance on v: 3 v(x*) - 2 v(-x*) is the exact v of the point 5 x*, which the samplers return, clipped
-        x0, _ = sample_images(ExactV(x_star, s, T), cond, s, w=2.0, sampler=sampler, steps=10, seed=0, prediction="v")
+        x0, _ = d.sample(ExactV(x_star, s, T), cond, w=2.0, sampler=sampler, steps=10, seed=0)
         torch.testing.assert_close(x0, (5 * x_star).clamp(-1, 1).expand(3, -1, -1, -1), rtol=1e-3, atol=1e-3)
 
 
 def exact_setup(T=30):
-    """The schedule, x*, the exact-eps model and two conditions of one object: what the guidance tests share."""
-    s = ddpm_schedules(1e-4, 0.2, T)
+    """The noise process, x*, the exact-eps model and two conditions of one object: what the guidance tests share."""
+    d = Diffusion(T, 1e-4, 0.2)
     x_star = torch.rand(3, 8, 8) * 2 - 1
     cond = torch.zeros(2, 24)
     cond[:, 1] = 1
-    return s, x_star, ExactEps(x_star, s, T), cond
+    return d, x_star, ExactEps(x_star, d.table, T), cond
 
 
 def test_guided_sampling_with_w_zero_ignores_the_unconditional_answer_and_batched_equals_separate():
-    s, x_star, model, cond = exact_setup()
-    a, _ = sample_images(model, cond, s, w=0.0, sampler="ddim", steps=10)
+    d, x_star, model, cond = exact_setup()
+    a, _ = d.sample(model, cond, w=0.0, sampler="ddim", steps=10)
     torch.testing.assert_close(a, x_star.expand(2, -1, -1, -1))
-    b, _ = sample_images(model, cond, s, w=1.5, sampler="ddpm", seed=4, batched_guidance=True)
-    c, _ = sample_images(model, cond, s, w=1.5, sampler="ddpm", seed=4, batched_guidance=False)
+    b, _ = d.sample(model, cond, w=1.5, sampler="ddpm", seed=4, batched_guidance=True)
+    c, _ = d.sample(model, cond, w=1.5, sampler="ddpm", seed=4, batched_guidance=False)
     torch.testing.assert_close(b, c)
     assert not torch.allclose(b, a)  # guidance moved the result away from x*
 
@@ -156,8 +158,8 @@ def test_ddpm_x0_clipped_step_is_the_posterior_mean_when_x0_is_in_range_and_boun
 
 def test_guidance_interval_guides_only_the_steps_inside_it():
     # ExactEps pulls the conditional answer to x* and the unconditional one to -x*: each guided step moves x_t
-    s, x_star, model, cond = exact_setup()
-    draw = lambda w, interval: sample_images(model, cond, s, w=w, sampler="ddim", steps=10, w_interval=interval)[0]
+    d, x_star, model, cond = exact_setup()
+    draw = lambda w, interval: d.sample(model, cond, w=w, sampler="ddim", steps=10, w_interval=interval)[0]
     plain = x_star.expand(2, -1, -1, -1)
     torch.testing.assert_close(draw(0.0, (0.0, 1.0)), plain)
     torch.testing.assert_close(draw(2.0, (0.0, 0.0)), plain)  # no step inside: plain conditional sampling
@@ -168,6 +170,52 @@ def test_guidance_interval_guides_only_the_steps_inside_it():
         def forward(self, x_t, cond, t_in):
             calls.append((len(x_t), float(t_in[0])))
             return super().forward(x_t, cond, t_in)
-    counting = Counting(x_star, s, 30)
-    sample_images(counting, cond, s, w=2.0, sampler="ddim", steps=10, w_interval=(0.3, 0.7))
+    counting = Counting(x_star, d.table, 30)
+    d.sample(counting, cond, w=2.0, sampler="ddim", steps=10, w_interval=(0.3, 0.7))
     assert all((n == 4) == (0.3 <= t <= 0.7) for n, t in calls)  # a batch of 2N exactly where guided
+
+
+class GaussianEps(nn.Module):
+    """The exact eps for data x0 ~ N(0, v I): E[eps | x_t] = sqrt(1 - ab) x_t / (ab v + 1 - ab). Its probability flow
+    ODE keeps each marginal N(0, (ab v + 1 - ab) I): it scales x_T by sqrt((ab_t v + 1 - ab_t) / (ab_T v + 1 - ab_T))
+    on the way to x_t, in closed form."""
+
+    def __init__(self, v, sched, T):
+        super().__init__()
+        self.v, self.s, self.T = v, sched, T
+        self.dummy = nn.Parameter(torch.zeros(1))
+        self.config = {"image_size": 8, "in_channels": 3}
+
+    def forward(self, x_t, cond, t_in):
+        ab = self.s["alphabar_t"][(t_in * self.T).round().long()].view(-1, 1, 1, 1).double()
+        return ((1 - ab).sqrt() * x_t.double() / (ab * self.v + 1 - ab)).float()
+
+
+def test_dpm_solver_2m_solves_the_probability_flow_ode_to_second_order_and_beats_ddim():
+    T, v = 1000, 0.02  # |x0| stays far inside [-1, 1]: the clips never act
+    d = Diffusion(T, 1e-4, 0.02)
+    model, cond = GaussianEps(v, d.table, T), torch.zeros(4, 24)
+    ab_T, ab_1 = d.table["alphabar_t"][T].double(), d.table["alphabar_t"][1].double()
+    x_T = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))  # the seed sample() draws x_T with
+    x_1 = x_T.double() * ((ab_1 * v + 1 - ab_1) / (ab_T * v + 1 - ab_T)).sqrt()
+    exact = x_1 * ab_1.sqrt() * v / (ab_1 * v + 1 - ab_1)  # the solver's last evaluation: x0 predicted at t = 1
+    error = lambda sampler, steps: (d.sample(model, cond, w=0.0, sampler=sampler, steps=steps)[0].double() -
+                                    exact).abs().max().item()
+    assert error("dpm", 10) < error("ddim", 10) / 4
+    # a quarter of the step divides a second-order error by about 16 (a first-order one by 4), but for the rounding of t
+    assert error("dpm", 80) < error("dpm", 20) / 6
+
+
+def test_dpm_step_is_ddim_on_its_first_step_and_lands_on_x0_at_t_0():
+    s = ddpm_schedules(1e-4, 0.02, 400)
+    g = torch.Generator().manual_seed(7)
+    x0, eps = torch.rand(2, 3, 8, 8, generator=g) * 1.8 - 0.9, torch.randn(2, 3, 8, 8, generator=g)
+    x_t = q_sample(x0, torch.full((2,), 300), eps, s)
+    torch.testing.assert_close(dpm_step(x_t, x0, None, 300, 200, None, s), ddim_step(x_t, eps, 300, 200, s),
+                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dpm_step(x_t, x0, x0 + 1, 8, 0, 16, s), x0)
+    ts = timesteps(400, "dpm", 10, s)
+    lam = (s["sqrtab"] / s["sqrtmab"]).log()
+    assert ts[0] == 400 and ts[-2:] == [1, 0] and len(ts) == 11  # 10 evaluations, the last one at t = 1
+    gaps = (lam[ts[1:-1]] - lam[ts[:-2]]).tolist()
+    assert max(gaps) < 1.5 * min(gaps)  # even steps in lambda, but for the rounding of t

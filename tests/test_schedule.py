@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from schedule import ddpm_schedules, q_sample
+from schedule import Diffusion, ddpm_schedules, q_sample
 
 
 def test_linear_betas_run_from_beta1_at_t1_to_beta2_at_T_and_alphabar_is_their_running_product():
@@ -65,23 +65,23 @@ def test_chaining_single_noising_steps_gives_the_same_marginal_as_q_sample():
 
 
 def test_min_snr_weights_each_sample_by_min_snr_gamma_over_snr():
-    from train import diffusion_loss, noisy_batch
     T, gamma = 100, 5.0
-    s = ddpm_schedules(1e-4, 0.02, T)
+    d = Diffusion(T, 1e-4, 0.02)
     zero_net = lambda x_t, c, t: torch.zeros_like(x_t)  # then the loss is the weighted mean of eps^2
     x0, cond = torch.zeros(64, 3, 4, 4), torch.zeros(64, 24)
     torch.manual_seed(0)
-    _, _, t, eps = noisy_batch(x0, cond, s, 0.1)
+    _, _, t, eps = d.noisy(x0, cond, 0.1)
     betas = torch.cat([torch.zeros(1, dtype=torch.float64), torch.linspace(1e-4, 0.02, T, dtype=torch.float64)])
     ab = torch.cumprod(1 - betas, 0)[t]  # independent float64 alphabar_t
     snr = ab / (1 - ab)
-    expected = (torch.minimum(snr, torch.tensor(gamma, dtype=torch.float64)) / snr * eps.double().square().mean((1, 2, 3))).mean()
+    expected = (torch.minimum(snr, torch.tensor(gamma, dtype=torch.float64)) / snr
+                * eps.double().square().mean((1, 2, 3))).mean()
     torch.manual_seed(0)
-    got = diffusion_loss(zero_net, x0, cond, s, 0.1, min_snr=gamma)
+    got = d.loss(zero_net, x0, cond, 0.1, min_snr=gamma)
     assert abs(got.item() - expected.item()) < 1e-5 * expected.item()
     assert (snr > gamma).any() and (snr < gamma).any()  # both branches of the min were exercised
     torch.manual_seed(0)
-    plain = diffusion_loss(zero_net, x0, cond, s, 0.1)
+    plain = d.loss(zero_net, x0, cond, 0.1)
     assert abs(plain.item() - eps.square().mean().item()) < 1e-6 and got < plain
 
 
@@ -115,22 +115,22 @@ def test_v_target_and_from_v_recover_x0_and_eps_at_every_t_including_zero_snr():
 
 
 def test_min_snr_for_v_weights_by_min_snr_gamma_over_snr_plus_one_and_stays_finite_at_zero_snr():
-    from train import diffusion_loss, noisy_batch
     from schedule import v_target
     T, gamma = 20, 1.0
-    s = ddpm_schedules(1e-4, 0.2, T, zero_snr=True)
+    d = Diffusion(T, 1e-4, 0.2, zero_snr=True, prediction="v")
+    s = d.table
     zero_net = lambda x_t, c, t: torch.zeros_like(x_t)  # then the loss is the weighted mean of v^2
     x0, cond = torch.rand(256, 3, 4, 4, generator=torch.Generator().manual_seed(8)) * 2 - 1, torch.zeros(256, 24)
     torch.manual_seed(0)
-    _, _, t, eps = noisy_batch(x0, cond, s, 0.1)
+    _, _, t, eps = d.noisy(x0, cond, 0.1)
     assert (t == T).any()  # the zero-SNR step is in the batch
     ab = s["alphabar_t"].double()[t]
     snr = ab / (1 - ab)
     v2 = v_target(x0, t, eps, s).double().square().mean((1, 2, 3))
     torch.manual_seed(0)
-    got = diffusion_loss(zero_net, x0, cond, s, 0.1, min_snr=gamma, prediction="v")
+    got = d.loss(zero_net, x0, cond, 0.1, min_snr=gamma)
     expected = (torch.clamp(snr, max=gamma) / (snr + 1) * v2).mean()
     assert torch.isfinite(got) and abs(got.item() - expected.item()) < 1e-5 * expected.item()
     torch.manual_seed(0)
-    plain = diffusion_loss(zero_net, x0, cond, s, 0.1, prediction="v")
+    plain = d.loss(zero_net, x0, cond, 0.1)
     assert abs(plain.item() - v2.mean().item()) < 1e-5 * plain.item()

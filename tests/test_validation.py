@@ -8,11 +8,13 @@ import torch
 from PIL import Image
 
 import evaluate
+import prepare
 import train
-from conftest import SHARED_ICLEVR
+from conftest import SHARED_ICLEVR, TINY
+from console import first_run_plan
 from dataset import draw_val
+from settings import decide
 
-TINY = ["--image-size", "16", "--n-feat", "8", "--batch-size", "12", "--T", "20", "--sample-every", "0"]
 
 
 def sets(path):
@@ -22,7 +24,8 @@ def sets(path):
 
 def test_synthetic_val_never_shares_an_object_set_with_test_or_new_test(tiny_data):
     val = sets(os.path.join(tiny_data, "val.json"))
-    assert val and not val & (sets(os.path.join(tiny_data, "test.json")) | sets(os.path.join(tiny_data, "new_test.json")))
+    assert val and not val & (sets(os.path.join(tiny_data, "test.json"))
+                              | sets(os.path.join(tiny_data, "new_test.json")))
     with open(os.path.join(tiny_data, "train.json")) as f:
         assert val <= {frozenset(c) for c in json.load(f).values()}  # drawn like test: sets of training images
     assert len(os.listdir(os.path.join(tiny_data, "truth", "val"))) == 2 * len(val)  # its ground-truth renders
@@ -52,8 +55,8 @@ class ScriptedJudge:
 
 
 def run(tiny_data, out, monkeypatch, scores, *extra):
-    monkeypatch.setattr(train, "find_judge", lambda args, data_dir, device: ScriptedJudge(scores))
-    train.train(train.get_args(["--data-dir", tiny_data, "--out-dir", str(out), *TINY, "--eval-every", "1", *extra]))
+    monkeypatch.setattr(prepare, "find_judge", lambda s, data_dir, device: ScriptedJudge(scores))
+    train.train(decide(["--data-dir", tiny_data, "--out-dir", str(out), *TINY, "--eval-every", "1", *extra]))
     return torch.load(os.path.join(out, "best.pt"), weights_only=False)
 
 
@@ -92,7 +95,7 @@ def test_on_the_courses_data_without_its_classifier_training_says_so_once_and_ca
     import shutil
     data = tmp_path / "course"
     shutil.copytree(tiny_data, data, ignore=shutil.ignore_patterns("synthetic.json", "checkpoint.pth"))
-    train.train(train.get_args(["--data-dir", str(data), "--out-dir", str(tmp_path / "run"), *TINY, "--eval-every", "1",
+    train.train(decide(["--data-dir", str(data), "--out-dir", str(tmp_path / "run"), *TINY, "--eval-every", "1",
                                 "--epochs", "2"]))
     assert capsys.readouterr().out.count("no classifier at") == 1
     assert not (tmp_path / "run" / "best.pt").exists() and (tmp_path / "run" / "ckpt.pt").exists()
@@ -102,7 +105,8 @@ def test_on_the_courses_data_without_its_classifier_training_says_so_once_and_ca
 def test_a_spent_time_budget_scores_the_last_state_and_can_keep_it_as_best(tiny_data, tmp_path, monkeypatch):
     # the preset's planned end is its time budget, inside an epoch: that state is scored too (with a cosine
     # learning rate it is usually the best), and logged with its fraction of an epoch
-    best = run(tiny_data, tmp_path, monkeypatch, [0.7], "--minutes", "0.02", "--epochs", "100000", "--eval-every", "1000")
+    best = run(tiny_data, tmp_path, monkeypatch, [0.7], "--minutes", "0.02", "--epochs", "100000",
+               "--eval-every", "1000")
     assert best["val_acc"] == 0.7 and best["step"] > 0
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert rows[-1]["val_acc"] == 0.7 and rows[-1]["step"] == best["step"]
@@ -113,13 +117,13 @@ def test_a_first_run_says_its_steps_and_their_times_before_it_starts(tiny_data, 
     import synthetic
     from evaluator import CLASSIFIER_TIME
     monkeypatch.chdir(tmp_path)  # no data/synthetic here: the set would be rendered, then its judge trained
-    plan = train.first_run_plan(train.get_args(["--preset", "cpu"]), torch.device("cpu"), validates=True)
+    plan = first_run_plan(decide(["--preset", "cpu"]), torch.device("cpu"), validates=True)
     assert plan.startswith("first run here, once before training: 1) render the synthetic set into data/synthetic")
     assert synthetic.RENDER_TIME in plan and "2) train its classifier" in plan and CLASSIFIER_TIME["cpu"] in plan
-    assert "classifier" not in train.first_run_plan(train.get_args([]), torch.device("cpu"), validates=False)
+    assert "classifier" not in first_run_plan(decide([]), torch.device("cpu"), validates=False)
     with_judge = ["--data-dir", tiny_data, "--classifier", "judge.pth"]  # rendered, and a judge given: nothing to do
-    assert train.first_run_plan(train.get_args(with_judge), torch.device("cpu"), validates=True) is None
-    plan = train.first_run_plan(train.get_args(["--data-dir", tiny_data]), torch.device("cpu"), validates=True)
+    assert first_run_plan(decide(with_judge), torch.device("cpu"), validates=True) is None
+    plan = first_run_plan(decide(["--data-dir", tiny_data]), torch.device("cpu"), validates=True)
     assert plan.startswith("first run here, once before training: 1) train its classifier")
 
 
@@ -140,9 +144,9 @@ def test_validation_draws_what_the_printed_sampling_command_draws(process, tiny_
     # same noise process and prediction, which sample.py reads from the checkpoint
     import sample
     judge = RecordingJudge()
-    monkeypatch.setattr(train, "find_judge", lambda args, data_dir, device: judge)
+    monkeypatch.setattr(prepare, "find_judge", lambda s, data_dir, device: judge)
     out = tmp_path / "run"
-    train.train(train.get_args(["--data-dir", tiny_data, "--out-dir", str(out), *TINY, "--epochs", "1", "--eval-every",
+    train.train(decide(["--data-dir", tiny_data, "--out-dir", str(out), *TINY, "--epochs", "1", "--eval-every",
                                 "1", "--val-sampler", "ddpm", "--val-w", "3", "--precision", "fp32", *process]))
     next_line = capsys.readouterr().out.strip().splitlines()[-1]
     assert next_line.endswith(f"next: python sample.py --ckpt {out}/best.pt --w 3")
