@@ -102,11 +102,13 @@ def from_v(x_t: torch.Tensor, v_pred: torch.Tensor, t: int, sched: dict):
     return sqrtab * x_t - sqrtmab * v_pred, sqrtab * v_pred + sqrtmab * x_t
 
 
-def predict_x0(x_t: torch.Tensor, eps_pred: torch.Tensor, t: int, sched: dict) -> torch.Tensor:
+def predict_x0(x_t: torch.Tensor, eps_pred: torch.Tensor, t: int, sched: dict,
+               x0_pred: torch.Tensor = None) -> torch.Tensor:
     """x0 = (x_t - sqrt(1 - alphabar_t) eps) / sqrt(alphabar_t), clipped to the data range [-1, 1]. Unclipped, an
     error in eps is multiplied by sqrt(1 - alphabar_t) / sqrt(alphabar_t): about 250 at the cosine schedule's last
-    step."""
-    return ((x_t - sched["sqrtmab"][t] * eps_pred) / sched["sqrtab"][t]).clamp(-1, 1)
+    step. Given x0_pred (a v network's x0), that one, clipped."""
+    x0 = (x_t - sched["sqrtmab"][t] * eps_pred) / sched["sqrtab"][t] if x0_pred is None else x0_pred  # v's x0
+    return x0.clamp(-1, 1)
 
 
 def ddpm_step(x_t: torch.Tensor, eps_pred: torch.Tensor, t: int, z: torch.Tensor, sched: dict,
@@ -130,7 +132,7 @@ def ddim_step(x_t: torch.Tensor, eps_pred: torch.Tensor, t: int, t_prev: int, sc
     """Deterministic DDIM (eta = 0) jump from t to t_prev < t: predict x0 (clipped), then re-noise it to t_prev
     along eps. The clip bounds the step: |x_{t_prev} - sqrt(1 - alphabar_{t_prev}) eps| <= sqrt(alphabar_{t_prev}).
     x0_pred: the x0 of a v prediction, used (clipped) in place of the one recovered from eps."""
-    x0 = predict_x0(x_t, eps_pred, t, sched) if x0_pred is None else x0_pred.clamp(-1, 1)
+    x0 = predict_x0(x_t, eps_pred, t, sched, x0_pred)
     return sched["sqrtab"][t_prev] * x0 + sched["sqrtmab"][t_prev] * eps_pred
 
 
@@ -282,7 +284,7 @@ class Diffusion:
             elif sampler == "ddim":
                 x_t = ddim_step(x_t, eps, t, t_next, sched, x0)
             else:
-                x0 = predict_x0(x_t, eps, t, sched) if x0 is None else x0.clamp(-1, 1)
+                x0 = predict_x0(x_t, eps, t, sched, x0)
                 x_t, x0_last, t_last = dpm_step(x_t, x0, x0_last, t, t_next, t_last, sched), x0, t
             if i + 1 in record:
                 frames.append(x_t.float().cpu())
