@@ -20,7 +20,7 @@ from cli import FRACTIONS_OF_T, POSITIVE_INT, Numbers, Parser, UserError, run_cl
 from dataset import COLORS, SHAPES, encode, load_objects, read_image, read_json, to_float
 from device import resolve_device
 from rundir import data_dir_of, plot_curves, read_checkpoint, samples_dir_of
-from schedule import GUIDANCE, SAMPLERS
+from schedule import SAMPLERS
 from evaluator import ensure_classifier, evaluation_model, frechet_distance, load_truth, topk_hits
 
 
@@ -110,7 +110,6 @@ def sweep(args, judge, data_dir, objects, names, splits) -> None:
     tag = "ddpm" if args.sampler == "ddpm" else f"{args.sampler}{args.steps}"  # sweeps of two samplers kept apart
     if args.w_interval != [0, 1]:
         tag += f"_interval{args.w_interval[0]:g}-{args.w_interval[1]:g}"
-    tag += "_objects" if args.guidance == "objects" else ""
     table = []
     for w in ws:
         accs, feats = {s: [] for s in splits}, {s: [] for s in splits}
@@ -120,7 +119,7 @@ def sweep(args, judge, data_dir, objects, names, splits) -> None:
                                         "--split", args.split,
                                         "--seed", str(seed), "--sampler", args.sampler, "--steps", str(args.steps),
                                         "--device", args.device, "--w-interval", ",".join(map(str, args.w_interval)),
-                                        "--guidance", args.guidance, "--strip", "0"]))
+                                        "--strip", "0"]))
             for s in splits:
                 r, f = score_split(judge, out, s, objects, names)
                 accs[s].append(r["accuracy"])
@@ -132,8 +131,7 @@ def sweep(args, judge, data_dir, objects, names, splits) -> None:
             if truth[s] is not None:  # all seeds pooled: several samples per condition
                 row[s]["frechet"] = frechet_distance(torch.cat(feats[s]), truth[s])
         table.append(row)
-    print(f"\nguidance sweep: {args.sampler}{' ' + str(args.steps) if args.sampler != 'ddpm' else ''}, "
-          f"{args.guidance} guidance, seeds {seeds}, "
+    print(f"\nguidance sweep: {args.sampler}{' ' + str(args.steps) if args.sampler != 'ddpm' else ''}, seeds {seeds}, "
           f"classifier {args.classifier or os.path.join(data_dir, 'checkpoint.pth')}")
     print(f"{'w':>6s}" + "".join(f"  {s + ' acc':>18s}  {'FD':>7s}" for s in splits))
     for row in table:
@@ -188,8 +186,6 @@ def make_parser():
     p.add_argument("--steps", type=POSITIVE_INT, default=50, help="with --sweep: DDIM or DPM-Solver++ steps")
     p.add_argument("--w-interval", type=FRACTIONS_OF_T, default=[0.0, 1.0],
                    help="with --sweep: LO,HI, guide only where LO <= t / T <= HI (as sample.py)")
-    p.add_argument("--guidance", default="joint", choices=GUIDANCE, help="with --sweep: joint, or objects: one guided "
-                                                                        "direction per object (as sample.py)")
     p.add_argument("--curves", default=None, metavar="RUN_DIR", help="draw RUN_DIR/curves.png from its metrics.jsonl "
                                                                      "(loss and validation accuracy) and stop")
     p.add_argument("--pictures", default=None, metavar="RUN_DIR",

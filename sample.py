@@ -23,7 +23,7 @@ from dataset import STRIP_CONDITION, encode, load_conditions, load_objects, to_u
 from device import PRECISIONS, resolve_device, resolve_precision, setup_backends
 from model import ContextUnet, fold_batchnorm
 from rundir import data_dir_of, read_checkpoint, run_dir_of, samples_dir_of
-from schedule import GUIDANCE, SAMPLERS, Diffusion
+from schedule import SAMPLERS, Diffusion
 
 
 def to_64(x: torch.Tensor) -> torch.Tensor:
@@ -88,8 +88,6 @@ def make_parser():
                                                                         "DDIM, or DPM-Solver++(2M), with --steps")
     p.add_argument("--steps", type=POSITIVE_INT, default=50, help="DDIM or DPM-Solver++ steps, at most T (DDPM always "
                                                                   "takes all T steps)")
-    p.add_argument("--guidance", default="joint", choices=GUIDANCE, help="joint: one guided direction for the whole "
-                   "condition; objects: one per object, summed (composable diffusion; K + 1 passes a step, not 2)")
     p.add_argument("--clip-x0", action="store_true", help="DDPM: the posterior mean around the x0 prediction clipped "
                                                           "to [-1, 1] (DDIM and DPM-Solver++ always clip)")
     p.add_argument("--cuda-graph", type=SWITCH, default=0, help="1: on CUDA, replay each step's forward from a CUDA "
@@ -150,12 +148,11 @@ def run(args) -> None:
     how += ", x0 clipped" if args.clip_x0 and args.sampler == "ddpm" else ""
     lo, hi = args.w_interval
     how += f", guided where {lo:g} <= t/T <= {hi:g}" if args.w_interval != [0, 1] else ""
-    how += ", guidance per object" if args.guidance == "objects" else ""
     print(f"sampling with {'EMA' if not args.no_ema else 'raw'} weights of {args.ckpt} (epoch {ckpt['epoch']}), "
           f"{how}, w={args.w}, seed {args.seed}, on {device} ({precision})")
     draw = lambda cond, seed, **kw: diffusion.sample(model, cond, args.w, args.sampler, args.steps, seed,
                                                      precision=precision, clip_x0=args.clip_x0,
-                                                     w_interval=args.w_interval, guidance=args.guidance, **kw)
+                                                     w_interval=args.w_interval, **kw)
     for name, conditions, cond, _ in jobs:
         seeds = [args.seed + k for k in range(args.n_per_condition)]
         os.makedirs(os.path.join(out_dir, name), exist_ok=True)
@@ -174,7 +171,7 @@ def run(args) -> None:
             json.dump(conditions, f)
         with open(record, "w") as f:  # evaluate.py scores exactly these draws
             json.dump({"seeds": seeds, "sampler": args.sampler, "w": args.w, "ckpt": os.path.abspath(args.ckpt),
-                       "steps": args.steps if args.sampler != "ddpm" else diffusion.T, "guidance": args.guidance}, f)
+                       "steps": args.steps if args.sampler != "ddpm" else diffusion.T}, f)
         print(f"{name}: {len(seeds) * len(cond)} images in {time.time() - t0:.1f}s -> {out_dir}/{name}/, "
               f"{out_dir}/{name}_grid.png")
     if args.strip:

@@ -3,9 +3,8 @@
 DDPM (Ho et al., arXiv 2006.11239) with linear betas, the improved-DDPM cosine schedule (Nichol and Dhariwal,
 arXiv 2102.09672) as an option, classifier-free guidance (Ho and Salimans, arXiv 2207.12598) and the deterministic
 DDIM update (Song et al., arXiv 2010.02502) and the multistep DPM-Solver++(2M) (Lu et al., arXiv 2211.01095); as
-options, guidance composed of one direction per object (Liu et al., arXiv 2206.01714), a schedule rescaled to zero
-terminal SNR and the network predicting v = sqrt(alphabar_t) eps - sqrt(1 - alphabar_t) x0 instead of eps
-(Lin et al., arXiv 2305.08891).
+options, a schedule rescaled to zero terminal SNR and the network predicting v = sqrt(alphabar_t) eps -
+sqrt(1 - alphabar_t) x0 instead of eps (Lin et al., arXiv 2305.08891).
 
 Convention: every table has T + 1 entries indexed by the integer timestep t. t = 0 is the clean image
 (beta_0 = 0, alphabar_0 = 1) and t = 1 is one noising step; training draws t from 1..T.
@@ -22,7 +21,6 @@ from tqdm import tqdm
 from device import autocast, graphed, resolve_precision
 
 SAMPLERS = ("ddpm", "ddim", "dpm")  # ancestral DDPM, deterministic DDIM, DPM-Solver++(2M)
-GUIDANCE = ("joint", "objects")  # one guided direction for the whole condition, or one per object, summed
 LAMBDA_FLOOR = -5.0  # DPM-Solver++'s steps start no noisier than this log(alpha / sigma), besides t = T
 
 
@@ -89,25 +87,6 @@ def guided_eps(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, w: float) -> to
     sampling (others write the same thing with scale = 1 + w). Linear, so a v network's outputs are guided the
     same way: the guided v implies the guided eps."""
     return (1 + w) * eps_cond - w * eps_uncond
-
-
-def object_slots(cond: torch.Tensor):
-    """Each row's objects one at a time: (N, 24) multi-hot -> slots (K, N, 24), slot k holding row n's k-th object
-    alone, and present (K, N), 0 where row n has fewer than k + 1 objects (its slot is all zeros); K = the most
-    objects in a row."""
-    k = int(cond.sum(1).max())
-    order = cond.argsort(dim=1, descending=True, stable=True)[:, :k]  # (N, K): the objects' indices first
-    present = cond.gather(1, order)  # (N, K)
-    return (F.one_hot(order, cond.shape[1]).to(cond.dtype) * present[..., None]).transpose(0, 1), present.T
-
-
-def composed_eps(eps_objects: torch.Tensor, eps_uncond: torch.Tensor, present: torch.Tensor, w: float):
-    """Composable diffusion's conjunction (Liu et al., arXiv 2206.01714) with weight 1 + w for each object:
-    eps = eps(x, null) + (1 + w) sum_k (eps(x, c_k) - eps(x, null)). eps_objects (K, N, ...) one object each,
-    present (K, N). One object gives guided_eps exactly; three push towards each object on its own, so that none is
-    dropped or merged into another."""
-    mask = present.view(*present.shape, *(1,) * (eps_uncond.dim() - 1)).to(eps_uncond.dtype)
-    return eps_uncond + (1 + w) * ((eps_objects - eps_uncond) * mask).sum(0)
 
 
 def v_target(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, sched: dict) -> torch.Tensor:
@@ -261,20 +240,16 @@ class Diffusion:
     @torch.inference_mode()
     def sample(self, model, cond: torch.Tensor, w: float = 0.5, sampler: str = "ddpm", steps: int = 50,
                seed: int = 0, n_frames: int = 0, precision: str = "auto", clip_x0: bool = False,
-               w_interval=(0.0, 1.0), batched_guidance: bool = True, cuda_graph: bool = False, progress: bool = False,
-               guidance: str = "joint"):
+               w_interval=(0.0, 1.0), batched_guidance: bool = True, cuda_graph: bool = False, progress: bool = False):
         """Draw one image per row of cond (N, 24) with guidance eps = (1 + w) eps(x, c) - w eps(x, null). Returns x0
         (N, 3, S, S) in [-1, 1] and, if n_frames > 1, that many snapshots of x_t from pure noise to the result.
         The noise comes from its own generator seeded with `seed`, so the output does not depend on what ran before;
         x_T comes from a CPU generator, so the deterministic samplers give the same images on every device.
         steps: the jumps of DDIM and DPM-Solver++ (DDPM takes all T). clip_x0: DDPM's mean around the clipped x0
         (DDIM and DPM-Solver++ always clip). w_interval (lo, hi): guidance only where lo <= t / T <= hi (arXiv
-        2404.07724). cuda_graph: on CUDA each step's forward replayed from a CUDA graph (the same arithmetic).
-        guidance "objects": composed_eps, one conditional pass per object (K + 1 passes a step instead of 2)."""
+        2404.07724). cuda_graph: on CUDA each step's forward replayed from a CUDA graph (the same arithmetic)."""
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
-        if guidance not in GUIDANCE:
-            raise ValueError(f"unknown guidance {guidance!r}: use one of {', '.join(GUIDANCE)}")
         device = next(model.parameters()).device
         sched, T = self.on(device), self.T
         size = model.config["image_size"]
@@ -283,7 +258,6 @@ class Diffusion:
         n = cond.shape[0]
         cond = cond.to(device)
         null = torch.zeros_like(cond)  # all zeros is "no condition", as in training
-        slots, present = object_slots(cond) if guidance == "objects" else (None, None)  # (K, N, 24), (K, N)
         x_t = torch.randn(n, model.config["in_channels"], size, size, generator=start).to(device)
         ts = timesteps(T, sampler, steps, sched)
         record = {round(i * (len(ts) - 1) / (n_frames - 1)) for i in range(n_frames)} if n_frames > 1 else set()
@@ -298,10 +272,6 @@ class Diffusion:
             with autocast(device, precision):
                 if not guided:
                     out = net(x_t, cond, t_in).float()
-                elif guidance == "objects":  # null and each object alone in one forward pass of (K + 1) N
-                    outs = net(torch.cat([x_t] * (len(slots) + 1)), torch.cat([null, *slots]),
-                               t_in.repeat(len(slots) + 1)).float()
-                    out = composed_eps(outs[n:].view(len(slots), *x_t.shape), outs[:n], present, w)
                 elif batched_guidance:  # conditional and unconditional halves in one forward pass of 2N
                     out_c, out_u = net(torch.cat([x_t, x_t]), torch.cat([cond, null]), t_in.repeat(2)).float().chunk(2)
                     out = guided_eps(out_c, out_u, w)

@@ -81,16 +81,3 @@ def test_the_default_is_one_draw_and_the_strip(run, tmp_path):
     assert (tmp_path / "denoise_strip.png").is_file()
     assert all("_" not in name for name in os.listdir(tmp_path / "test"))  # only <i>.png
     assert json.loads((tmp_path / "test_draws.json").read_text())["seeds"] == [0]
-
-
-def test_guidance_per_object_reaches_the_sampler_and_the_draws_record(run, tmp_path):
-    joint, objects = tmp_path / "joint", tmp_path / "objects"
-    draw("--ckpt", run, "--out-dir", str(joint), "--split", "test", "--strip", "0", *FAST)
-    draw("--ckpt", run, "--out-dir", str(objects), "--split", "test", "--strip", "0", "--guidance", "objects", *FAST)
-    assert json.loads((objects / "test_draws.json").read_text())["guidance"] == "objects"
-    conditions = json.loads((joint / "test.json").read_text())
-    several = [i for i, c in enumerate(conditions) if len(c) > 1]
-    assert several  # the tiny set's test list has scenes of 2 and 3 objects
-    # a trained network is not additive in its objects: the composed direction draws other images for them
-    assert any((joint / "test" / f"{i}.png").read_bytes() != (objects / "test" / f"{i}.png").read_bytes()
-               for i in several)

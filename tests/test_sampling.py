@@ -3,8 +3,7 @@ whole sampling loops driven by a model whose exact answer is known in closed for
 import torch
 import torch.nn as nn
 
-from schedule import (Diffusion, ddim_step, ddpm_schedules, ddpm_step, dpm_step, guided_eps, object_slots, q_sample,
-                      timesteps)
+from schedule import Diffusion, ddim_step, ddpm_schedules, ddpm_step, dpm_step, guided_eps, q_sample, timesteps
 
 
 def test_ddpm_step_mean_is_the_posterior_mean_of_q_x_tminus1_given_x_t_and_x0():
@@ -220,55 +219,3 @@ def test_dpm_step_is_ddim_on_its_first_step_and_lands_on_x0_at_t_0():
     assert ts[0] == 400 and ts[-2:] == [1, 0] and len(ts) == 11  # 10 evaluations, the last one at t = 1
     gaps = (lam[ts[1:-1]] - lam[ts[:-2]]).tolist()
     assert max(gaps) < 1.5 * min(gaps)  # even steps in lambda, but for the rounding of t
-
-
-def test_object_slots_hold_each_rows_objects_one_at_a_time():
-    cond = torch.zeros(3, 24)
-    cond[0, [0, 5, 23]] = 1
-    cond[1, 7] = 1
-    cond[2, [2, 9]] = 1
-    slots, present = object_slots(cond)
-    assert slots.shape == (3, 3, 24) and present.tolist() == [[1, 1, 1], [1, 0, 1], [1, 0, 0]]
-    torch.testing.assert_close(slots.sum(0), cond)  # every object in exactly one slot
-    assert (slots.sum(2) == present).all()  # one object a slot, none where a row has no more
-
-
-class AdditiveEps(nn.Module):
-    """The exact eps when the data point of a condition is the sum of one image per object present (null: 0). Per
-    object guidance then composes to the same point as joint guidance: eps(null) + (1 + w) sum_k (eps(c_k) -
-    eps(null)) is the exact eps of (1 + w) sum_k x_k."""
-
-    def __init__(self, x_objects, sched, T):
-        super().__init__()
-        self.x_objects, self.s, self.T = x_objects, sched, T  # (24, 3, S, S)
-        self.dummy = nn.Parameter(torch.zeros(1))
-        self.config = {"image_size": x_objects.shape[-1], "in_channels": 3}
-
-    def forward(self, x_t, cond, t_in):
-        t = (t_in * self.T).round().long()
-        target = torch.einsum("nk,kchw->nchw", cond, self.x_objects)
-        return (x_t - self.s["sqrtab"][t].view(-1, 1, 1, 1) * target) / self.s["sqrtmab"][t].view(-1, 1, 1, 1)
-
-
-def test_guidance_per_object_composes_to_the_joint_point_for_a_network_additive_in_the_objects():
-    T, w = 40, 0.5
-    d = Diffusion(T, 1e-4, 0.2)
-    x_objects = (torch.rand(24, 3, 8, 8, generator=torch.Generator().manual_seed(1)) - 0.5) * 0.4
-    model = AdditiveEps(x_objects, d.table, T)
-    cond = torch.zeros(3, 24)
-    cond[0, [0, 5, 23]] = 1
-    cond[1, 7] = 1
-    cond[2, [2, 9]] = 1
-    expected = (1 + w) * torch.einsum("nk,kchw->nchw", cond, x_objects)
-    for sampler in ("ddim", "dpm"):
-        joint, _ = d.sample(model, cond, w=w, sampler=sampler, steps=10)
-        objects, _ = d.sample(model, cond, w=w, sampler=sampler, steps=10, guidance="objects")
-        torch.testing.assert_close(objects, expected, rtol=1e-3, atol=1e-3)
-        torch.testing.assert_close(joint, expected, rtol=1e-3, atol=1e-3)
-    # one object each: the sum has one term, and per-object guidance is joint guidance, step for step
-    single = torch.zeros(2, 24)
-    single[0, 3], single[1, 11] = 1, 1
-    model = ExactEps(torch.rand(3, 8, 8) * 2 - 1, d.table, T)
-    a, _ = d.sample(model, single, w=2.0, sampler="ddpm", seed=3)
-    b, _ = d.sample(model, single, w=2.0, sampler="ddpm", seed=3, guidance="objects")
-    torch.testing.assert_close(a, b)
