@@ -50,7 +50,8 @@ def describe(s, r, device: torch.device, n_batches: int, compiled: bool = False)
             f"{len(r.images)} images from {s.data_dir}; {n_batches} steps/epoch of {r.bs * r.world}"
             f"{f' ({r.world} processes x {r.bs})' if r.world > 1 else ''}; device {device}, {r.precision}"
             f"{', channels_last' if r.channels_last else ''}{', fused Adam' if r.opt.param_groups[0]['fused'] else ''}"
-            f"{', compiled' if compiled else ''}{f', stops after {s.minutes:g} min' if s.minutes else ''}")
+            f"{', compiled (the first step waits a minute or two for it; --compile 0: eager)' if compiled else ''}"
+            f"{f', stops after {s.minutes:g} min' if s.minutes else ''}")
 
 
 def fmt_time(seconds: float) -> str:

@@ -22,11 +22,13 @@ def tiny_run(data, out, *extra) -> dict:
 def cpu_unless_a_cuda_test(request, monkeypatch):
     """Every test outside tests/test_cuda.py runs on the CPU, whatever the machine has: --device auto means the CPU
     in this process and in every process a test starts (ICLEVR_DEVICE is inherited), so a GPU machine runs the same
-    CPU suite as CI, and tests/test_cuda.py is the one place for CUDA."""
+    CPU suite as CI, and tests/test_cuda.py is the one place for CUDA. There --compile auto means eager
+    (TORCH_COMPILE_DISABLE=1): a minute of compiling would dwarf runs of seconds; the compile tests ask for it."""
     if request.path.name == "test_cuda.py":
         monkeypatch.delenv("ICLEVR_DEVICE", raising=False)
     else:
         monkeypatch.setenv("ICLEVR_DEVICE", "cpu")
+        monkeypatch.setenv("TORCH_COMPILE_DISABLE", "1")
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ import train
 from device import autocast, resolve_precision
 from model import ContextUnet
 from schedule import Diffusion
+from cli import UserError
 from conftest import TINY, tiny_run
 from settings import decide
 
@@ -161,11 +162,18 @@ def test_autocast_is_off_for_fp32_and_casts_for_half():
         assert lin(x).dtype == torch.bfloat16
 
 
-def test_compiled_training_matches_eager_training(tiny_data, tmp_path):
+def test_compiled_training_matches_eager_training(tiny_data, tmp_path, monkeypatch):
     # torch.compile (inductor, a C++ compiler on the CPU) of the tiny network's forward and backward: about 20 s
-    eager = train.train(decide(["--data-dir", tiny_data, "--out-dir", str(tmp_path / "e"), *TINY, "--epochs", "1"]))
+    import torch._dynamo
+    monkeypatch.delenv("TORCH_COMPILE_DISABLE")  # the suite's switch, read once where torch._dynamo was imported
+    monkeypatch.setattr(torch._dynamo.config, "disable", False)
+    eager = train.train(decide(["--data-dir", tiny_data, "--out-dir", str(tmp_path / "e"), *TINY, "--epochs", "1",
+                                "--compile", "0"]))
+    torch._dynamo.reset()  # a graph compiled by an earlier test would be reused, and counted no more
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     compiled = train.train(decide(["--data-dir", tiny_data, "--out-dir", str(tmp_path / "c"), *TINY,
-                                           "--epochs", "1", "--compile", "1"]))
+                                   "--epochs", "1", "--compile", "1"]))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # really compiled, not run eager
     ckpt = torch.load(tmp_path / "c" / "ckpt.pt", weights_only=False)
     assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])  # the plain module is saved
     loss = lambda run: float(open(tmp_path / run / "metrics.jsonl").readline().split('"loss": ')[1].split(",")[0])
@@ -203,11 +211,34 @@ def test_a_resume_runs_the_adam_this_run_asks_for_not_the_checkpoints(tiny_data,
     assert ckpt["step"] == 9 and not any(g["fused"] for g in ckpt["optimizer"]["param_groups"])
 
 
-def test_compile_auto_is_on_for_cuda_with_a_c_compiler_and_off_on_a_cpu(monkeypatch):
+def test_compile_auto_is_on_where_a_compiler_builds_the_kernels_and_off_elsewhere(monkeypatch):
     import device
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.delenv("TORCH_COMPILE_DISABLE")
     monkeypatch.setattr(device.shutil, "which", lambda name: f"/usr/bin/{name}")
-    assert device.resolve_compile("auto", cuda) and not device.resolve_compile("auto", cpu)
+    monkeypatch.setattr(device, "cpu_compile_error", lambda: "")  # inductor built its probe
+    assert device.resolve_compile("auto", cuda) and device.resolve_compile("auto", cpu)
     assert device.resolve_compile("1", cpu) and not device.resolve_compile("0", cuda)
+    monkeypatch.setenv("TORCH_COMPILE_DISABLE", "1")  # torch's own off switch
+    assert not device.resolve_compile("auto", cpu) and not device.resolve_compile("auto", cuda)
+    monkeypatch.delenv("TORCH_COMPILE_DISABLE")
     monkeypatch.setattr(device.shutil, "which", lambda name: None)  # Triton could not build its launcher
-    assert not device.resolve_compile("auto", cuda) and device.resolve_compile("1", cuda)
+    monkeypatch.setattr(device, "cpu_compile_error", lambda: "no C++ compiler found")
+    assert not device.resolve_compile("auto", cuda) and not device.resolve_compile("auto", cpu)
+    assert device.resolve_compile("1", cuda)
+    with pytest.raises(UserError, match=r"--compile 1: torch.compile cannot build CPU kernels here \(no C\+\+ "
+                                        r"compiler found\); it needs a C\+\+ compiler"):
+        device.resolve_compile("1", cpu)
+
+
+def test_without_the_compiler_torch_would_use_the_probe_fails_and_auto_trains_eager(monkeypatch):
+    import torch._inductor.config as inductor
+    import device
+    monkeypatch.delenv("TORCH_COMPILE_DISABLE")
+    monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/c++",))
+    device.cpu_compile_error.cache_clear()  # probe here, and again after the test
+    try:
+        assert device.cpu_compile_error()  # a reason, such as "InvalidCxxCompiler: ..."
+        assert not device.resolve_compile("auto", torch.device("cpu"))
+    finally:
+        device.cpu_compile_error.cache_clear()
