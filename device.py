@@ -72,26 +72,31 @@ def cpu_compile_error() -> str:
     else g++, clang++ on macOS) and build with it against Python's and torch's headers. Tried once per process on a
     two-element function (a few seconds), so that a broken toolchain means eager training, not a traceback."""
     try:
-        from torch._inductor.cpp_builder import get_cpp_compiler  # private: anything unexpected means no
-        if not shutil.which(get_cpp_compiler()):
-            return "no C++ compiler found"
         torch.compile(lambda x: x * 2 + 1)(torch.ones(2))
         return ""
-    except Exception as e:
+    except Exception as e:  # InvalidCxxCompiler where none is found; a build error where one fails
         return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:120]}"
 
 
-def resolve_compile(value, device: torch.device) -> bool:
+def compile_disabled() -> bool:
+    """TORCH_COMPILE_DISABLE, torch's own off switch, is set (the test suite sets it: its runs last seconds)."""
+    return os.environ.get("TORCH_COMPILE_DISABLE", "") not in ("", "0")
+
+
+def resolve_compile(value, device: torch.device, precision: str = "fp32") -> bool:
     """--compile: auto is on for CUDA where a C compiler is on PATH (Triton builds its kernel launcher with one), and
-    on a CPU where inductor builds a kernel (cpu_compile_error; the CPU preset's step measured 1.36x faster compiled,
-    docs/RESULTS.md); where it cannot, auto trains eager, and 1 on a CPU is refused with the reason.
-    TORCH_COMPILE_DISABLE=1, torch's own off switch, makes auto mean off (the test suite's runs last seconds)."""
+    on a CPU in fp32 where inductor builds a kernel (cpu_compile_error; the CPU preset's fp32 step measured 1.36x
+    faster compiled, docs/RESULTS.md; bf16 on a CPU is not measured compiled). Where it cannot, auto trains eager;
+    1 is refused in one line with the reason. TORCH_COMPILE_DISABLE=1 makes auto mean eager."""
     if str(value) == "auto":
-        if os.environ.get("TORCH_COMPILE_DISABLE") == "1":
+        if compile_disabled():
             return False
         if device.type == "cuda":
             return any(shutil.which(cc) for cc in ("cc", "gcc", "clang"))
-        return device.type == "cpu" and not cpu_compile_error()
+        return device.type == "cpu" and precision == "fp32" and not cpu_compile_error()
+    if str(value) == "1" and compile_disabled():
+        raise UserError("--compile 1: TORCH_COMPILE_DISABLE is set, which turns torch.compile off; unset it, or use "
+                        "--compile 0")
     if str(value) == "1" and device.type == "cpu" and cpu_compile_error():
         raise UserError(f"--compile 1: torch.compile cannot build CPU kernels here ({cpu_compile_error()}); it needs "
                         f"a C++ compiler such as g++ (apt install g++, xcode-select --install), or use --compile 0")

@@ -155,7 +155,7 @@ def make_parser() -> Parser:
     add("--channels-last", "NHWC memory layout (auto: on CUDA and AMX CPUs)", choices=ON_OFF)
     add("--fused-adam", "one fused Adam kernel (auto: on CUDA)", choices=ON_OFF)
     add("--compile", "torch.compile the network (slower start, faster steps; auto: on CUDA where a C compiler is "
-        "found, on a CPU where a C++ compiler is)", choices=ON_OFF)
+        "found, on a CPU in fp32 where a C++ compiler builds inductor's kernels)", choices=ON_OFF)
     add("--deterministic", "1: deterministic kernels only, for bit-exact resumes on CUDA (slower)", type=SWITCH)
     add("--resume", "continue from OUT_DIR/ckpt.pt, with its settings (flags typed win, except the network's)",
         action="store_true")

@@ -268,7 +268,7 @@ def train(s: Settings) -> ContextUnet:
     if s.batch_size % world:
         raise UserError(f"--batch-size {s.batch_size}: the global batch must divide among {world} processes")
     precision, channels_last = resolve_precision(s.precision, device), resolve_channels_last(s.channels_last, device)
-    fused, compile = resolve_switch(s.fused_adam, device, "--fused-adam"), resolve_compile(s.compile, device)
+    fused, compile = resolve_switch(s.fused_adam, device, "--fused-adam"), resolve_compile(s.compile, device, precision)
     eval_every = (10 if device.type == "cuda" else 0) if s.eval_every is None else s.eval_every
     setup_backends(device, precision, s.deterministic)
     ensure_writable(s.out_dir, "--out-dir")
@@ -276,7 +276,7 @@ def train(s: Settings) -> ContextUnet:
         n_batches = ICLEVR_TRAIN_IMAGES // s.batch_size
         line = cpu_time_line(s, time_a_step(s, device, precision, channels_last), s.epochs * n_batches, n_batches)
         if line:
-            say(line)
+            say(line + ("; timed eager: compiled, it trains more after the compile" if compile else ""))
     images, cond, val_cond, judge = prepare(s, rank, device, prep_group, eval_every)
     torch.manual_seed(s.seed + rank)  # noise, t and condition drops differ per rank; the epoch order does not
     r = make_trainer(s, device, precision, channels_last, fused, images, cond)

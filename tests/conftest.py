@@ -6,7 +6,9 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHARED_ICLEVR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "iclevr")
 # the one tiny configuration of the tests: a network of 8 channels at 16x16, 3 steps an epoch of tiny_data, T = 20
-TINY = ["--image-size", "16", "--n-feat", "8", "--batch-size", "12", "--T", "20", "--sample-every", "0"]
+# eager: a compile takes longer than these runs (module-scoped fixtures train before the autouse switch below is set)
+TINY = ["--image-size", "16", "--n-feat", "8", "--batch-size", "12", "--T", "20", "--sample-every", "0",
+        "--compile", "0"]
 
 
 def tiny_run(data, out, *extra) -> dict:

@@ -218,16 +218,21 @@ def test_compile_auto_is_on_where_a_compiler_builds_the_kernels_and_off_elsewher
     monkeypatch.setattr(device.shutil, "which", lambda name: f"/usr/bin/{name}")
     monkeypatch.setattr(device, "cpu_compile_error", lambda: "")  # inductor built its probe
     assert device.resolve_compile("auto", cuda) and device.resolve_compile("auto", cpu)
-    assert device.resolve_compile("1", cpu) and not device.resolve_compile("0", cuda)
+    assert not device.resolve_compile("auto", cpu, "bf16")  # measured compiled in fp32 only
+    assert device.resolve_compile("1", cpu, "bf16") and not device.resolve_compile("0", cuda)
     monkeypatch.setenv("TORCH_COMPILE_DISABLE", "1")  # torch's own off switch
     assert not device.resolve_compile("auto", cpu) and not device.resolve_compile("auto", cuda)
+    with pytest.raises(UserError, match="--compile 1: TORCH_COMPILE_DISABLE is set, which turns torch.compile off"):
+        device.resolve_compile("1", cuda)  # it would say compiled and run eager
+    monkeypatch.setenv("TORCH_COMPILE_DISABLE", "0")
+    assert device.resolve_compile("auto", cpu)
     monkeypatch.delenv("TORCH_COMPILE_DISABLE")
     monkeypatch.setattr(device.shutil, "which", lambda name: None)  # Triton could not build its launcher
-    monkeypatch.setattr(device, "cpu_compile_error", lambda: "no C++ compiler found")
+    monkeypatch.setattr(device, "cpu_compile_error", lambda: "InvalidCxxCompiler: no working C++ compiler")
     assert not device.resolve_compile("auto", cuda) and not device.resolve_compile("auto", cpu)
     assert device.resolve_compile("1", cuda)
-    with pytest.raises(UserError, match=r"--compile 1: torch.compile cannot build CPU kernels here \(no C\+\+ "
-                                        r"compiler found\); it needs a C\+\+ compiler"):
+    with pytest.raises(UserError, match=r"--compile 1: torch.compile cannot build CPU kernels here "
+                                        r"\(InvalidCxxCompiler: no working C\+\+ compiler\); it needs a C\+\+"):
         device.resolve_compile("1", cpu)
 
 
