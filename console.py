@@ -29,18 +29,19 @@ def first_run_plan(s, device: torch.device, validates: bool) -> str:
             "; each shows its time left as it goes")
 
 
-def cpu_time_line(s, per_step: float, steps: int, n_batches: int) -> str:
+def cpu_time_line(s, per_step: float, steps: int, n_batches: int, compiled: bool = False) -> str:
     """Said before a CPU run starts: what the --minutes budget buys, or how long a run without one takes (full-size
     settings take days on a CPU: better said up front than by a slow bar), and what to run instead. None for a
-    run under half an hour."""
+    run under half an hour. per_step is an eager step's time, which a compiled run beats after its compile."""
+    eager = "; timed eager: compiled, it trains more after the compile" if compiled else ""
     if s.minutes and 60 * s.minutes < per_step * steps:
         buys = int(60 * s.minutes / per_step)
         return (f"on this CPU: about {per_step:.3f}s per step, so the {s.minutes:g}-minute budget trains about {buys} "
-                f"steps ({buys / n_batches:.1f} epochs)")
+                f"steps ({buys / n_batches:.1f} epochs){eager}")
     if not s.minutes and per_step * steps > 1800:
         return (f"on this CPU: about {per_step:.2f}s per step, so these {steps} steps take about "
                 f"{per_step * steps / 3600:.1f} h; stop with Ctrl-C (it saves), and on a CPU run python train.py "
-                f"--preset cpu instead (25 minutes), or add --minutes M; the full run is for a GPU")
+                f"--preset cpu instead (25 minutes), or add --minutes M; the full run is for a GPU{eager}")
     return None
 
 

@@ -274,9 +274,10 @@ def train(s: Settings) -> ContextUnet:
     ensure_writable(s.out_dir, "--out-dir")
     if device.type == "cpu" and rank == 0 and not s.resume:  # said before any data is rendered or judged
         n_batches = ICLEVR_TRAIN_IMAGES // s.batch_size
-        line = cpu_time_line(s, time_a_step(s, device, precision, channels_last), s.epochs * n_batches, n_batches)
+        line = cpu_time_line(s, time_a_step(s, device, precision, channels_last), s.epochs * n_batches, n_batches,
+                             compile)
         if line:
-            say(line + ("; timed eager: compiled, it trains more after the compile" if compile else ""))
+            say(line)
     images, cond, val_cond, judge = prepare(s, rank, device, prep_group, eval_every)
     torch.manual_seed(s.seed + rank)  # noise, t and condition drops differ per rank; the epoch order does not
     r = make_trainer(s, device, precision, channels_last, fused, images, cond)
