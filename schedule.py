@@ -192,6 +192,7 @@ class Diffusion:
                        "prediction": prediction}  # what a checkpoint records of it
         self.table = ddpm_schedules(beta1, beta2, T, schedule, bool(zero_snr))
         self._on = {}  # the table on each device it was asked on
+        self._t_probs = {}  # P(t) of each log-SNR draw asked for, on its device
 
     @classmethod
     def from_config(cls, cfg: dict) -> "Diffusion":
@@ -205,26 +206,50 @@ class Diffusion:
             self._on[key] = {k: v.to(device) for k, v in self.table.items()}
         return self._on[key]
 
-    def noisy(self, x0: torch.Tensor, cond: torch.Tensor, drop_prob: float, gen: torch.Generator = None):
-        """What the network is trained on: x_t ~ q(x_t | x0) at a t drawn per sample from 1..T, and the condition
-        with a per-sample coin for classifier-free dropout (all zeros is "no condition"). x0 (B, C, S, S) in [-1, 1],
-        cond (B, 24) multi-hot. Returns (x_t, cond with dropped rows zeroed, integer t (B,), eps); gen: a generator
-        of its own, or the global one."""
+    def t_probs(self, logsnr_draw, device) -> torch.Tensor:
+        """P(t) for t = 1..T (T,) when training draws the log-SNR lambda = log(alphabar / (1 - alphabar)) from the
+        normal N(mean, std^2) given as logsnr_draw = (mean, std), truncated to the table's range, and takes the t
+        whose lambda_t is nearest: the normal's mass between the midpoints of neighbouring lambda_t. (0, 2) is the
+        logit-normal t of Esser et al. (arXiv 2403.03206) and a log-normal sigma as in Karras et al. (arXiv
+        2206.00364): the draws gather around SNR = 1, where the layout is decided."""
+        key = (*map(float, logsnr_draw), str(device))
+        if key not in self._t_probs:
+            mean, std = key[:2]
+            ab = self.table["alphabar_t"][1:]
+            lam = (ab / (1 - ab)).log()  # decreasing in t; -inf at t = T of a zero-SNR schedule
+            edges = torch.cat([lam[:1], (lam[:-1] + lam[1:]) / 2, lam[-1:]])  # T + 1 edges, the ends the range's
+            cdf = torch.special.ndtr((edges - mean) / std)
+            mass = cdf[:-1] - cdf[1:]
+            if not mass.sum() > 0:
+                raise ValueError(f"log-SNR draw {mean:g},{std:g}: no mass in the schedule's range "
+                                 f"[{lam[-1].item():.2f}, {lam[0].item():.2f}]")
+            self._t_probs[key] = (mass / mass.sum()).float().to(device)
+        return self._t_probs[key]
+
+    def noisy(self, x0: torch.Tensor, cond: torch.Tensor, drop_prob: float, gen: torch.Generator = None,
+              logsnr_draw=None):
+        """What the network is trained on: x_t ~ q(x_t | x0) at a t drawn per sample from 1..T (uniform, or by
+        t_probs(logsnr_draw)), and the condition with a per-sample coin for classifier-free dropout (all zeros is
+        "no condition"). x0 (B, C, S, S) in [-1, 1], cond (B, 24) multi-hot. Returns (x_t, cond with dropped rows
+        zeroed, integer t (B,), eps); gen: a generator of its own, or the global one."""
         sched, bs = self.on(x0.device), x0.shape[0]
         keep = (torch.rand(bs, device=x0.device, generator=gen) >= drop_prob).to(cond.dtype)
-        t = torch.randint(1, self.T + 1, (bs,), device=x0.device, generator=gen)  # t = 1 is one noising step
+        if logsnr_draw:
+            t = torch.multinomial(self.t_probs(logsnr_draw, x0.device), bs, replacement=True, generator=gen) + 1
+        else:
+            t = torch.randint(1, self.T + 1, (bs,), device=x0.device, generator=gen)  # t = 1 is one noising step
         eps = torch.randn(x0.shape, device=x0.device, generator=gen)
         return q_sample(x0, t, eps, sched), cond * keep[:, None], t, eps
 
     def loss(self, net, x0: torch.Tensor, cond: torch.Tensor, drop_prob: float, min_snr: float = 0.0,
-             precision: str = "fp32", channels_last: bool = False) -> torch.Tensor:
+             precision: str = "fp32", channels_last: bool = False, logsnr_draw=None) -> torch.Tensor:
         """The DDPM objective ||eps - eps_pred(x_t, c, t)||^2 with condition dropout (||v - v_pred||^2 for v). The
         network is given t / T, in [0, 1]. With min_snr = g, each sample's error is weighted by min(SNR_t, g) /
         SNR_t (Min-SNR, arXiv 2303.09556): the nearly clean steps, where the image already says everything, stop
         dominating the gradient. For v the weight is min(SNR_t, g) / (SNR_t + 1), the same weight on the error of
-        the implied x0."""
+        the implied x0. logsnr_draw: how t is drawn (noisy)."""
         sched = self.on(x0.device)
-        x_t, c, t, eps = self.noisy(x0, cond, drop_prob)
+        x_t, c, t, eps = self.noisy(x0, cond, drop_prob, logsnr_draw=logsnr_draw)
         target = eps if self.prediction == "eps" else v_target(x0, t, eps, sched)
         if channels_last:
             x_t = x_t.contiguous(memory_format=torch.channels_last)

@@ -6,10 +6,10 @@ import argparse
 import os
 from dataclasses import asdict, dataclass
 
-from cli import COUNT, IMAGE_SIZE, POSITIVE, POSITIVE_INT, PROBABILITY, SWITCH, Number, Parser, UserError
+from cli import COUNT, IMAGE_SIZE, POSITIVE, POSITIVE_INT, PROBABILITY, SWITCH, Number, Numbers, Parser, UserError
 from device import PRECISIONS
 from rundir import CKPT, read_checkpoint
-from schedule import SAMPLERS
+from schedule import SAMPLERS, Diffusion
 
 
 @dataclass
@@ -38,6 +38,7 @@ class Settings:
     adagn: int = 0
     cond_embed: str = "mlp"
     min_snr: float = 0.0
+    logsnr_draw: list = None        # [mean, std]: t drawn by a normal log-SNR; None: t uniform on 1..T (report C)
     drop_prob: float = 0.1
     ema_decay: float = 0.999
     hflip: int = 1
@@ -130,6 +131,9 @@ def make_parser() -> Parser:
         choices=["mlp", "linear"])
     add("--min-snr", "Min-SNR loss weighting min(SNR, g) / SNR (/ (SNR + 1) with --prediction v) with this g (5 in "
         "the paper); 0: plain MSE, as report C", type=Number(float, lo=0))
+    add("--logsnr-draw", "MEAN,STD: draw each sample's t by its log-SNR log(alphabar / (1 - alphabar)) ~ N(MEAN, "
+        "STD^2) within the schedule's range (0,2: gathered around SNR 1); default: t uniform on 1..T, as report C",
+        type=Numbers(float, what="a finite number"))
     add("--drop-prob", "probability of dropping a sample's condition", type=PROBABILITY)
     add("--ema-decay", "EMA decay of the weights used for sampling",
         type=Number(float, 0, 1, hi_open=True, what="a decay in [0, 1)"))
@@ -184,6 +188,14 @@ def decide(argv=None) -> Settings:
     s = Settings(**{**asdict(DEFAULTS), **PRESETS.get(preset, {}), **saved, **typed})
     if s.beta1 >= s.beta2:
         raise UserError(f"--beta1 {s.beta1:g}: must be below --beta2 {s.beta2:g} (the betas rise with t)")
+    if s.logsnr_draw is not None:
+        text = ",".join(f"{v:g}" for v in s.logsnr_draw)
+        if len(s.logsnr_draw) != 2 or s.logsnr_draw[1] <= 0:
+            raise UserError(f"--logsnr-draw {text}: must be MEAN,STD with STD > 0, such as 0,2")
+        try:
+            Diffusion(s.T, s.beta1, s.beta2, s.schedule, s.zero_snr, s.prediction).t_probs(s.logsnr_draw, "cpu")
+        except ValueError as e:
+            raise UserError(f"--logsnr-draw {text}: {str(e).split(': ', 1)[1]}; move MEAN inside it or widen STD")
     if s.zero_snr and s.prediction == "eps":
         raise UserError("--zero-snr 1 with --prediction eps: at zero SNR the noise is x_T itself and says nothing of "
                         "the image; add --prediction v")

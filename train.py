@@ -146,7 +146,8 @@ def train_step(r: Trainer, idx: torch.Tensor, step: int, signal: bool = False, c
     (mean loss over ranks, whether a signal reached any rank, whether --minutes is spent on rank 0's clock)."""
     s = r.cfg
     x0 = make_batch(r.images, idx, s.hflip)  # (B, 3, S, S) in [-1, 1]
-    loss = r.diffusion.loss(r.net, x0, r.cond[idx], s.drop_prob, s.min_snr, r.precision, r.channels_last)
+    loss = r.diffusion.loss(r.net, x0, r.cond[idx], s.drop_prob, s.min_snr, r.precision, r.channels_last,
+                            s.logsnr_draw)
     loss_value, signalled, r.clock = agree(loss, signal, r.world, clock if r.rank == 0 else 0.0)
     time_up = bool(s.minutes) and r.clock >= 60 * s.minutes  # the shared clock: every rank decides alike
     if not math.isfinite(loss_value):

@@ -134,3 +134,40 @@ def test_min_snr_for_v_weights_by_min_snr_gamma_over_snr_plus_one_and_stays_fini
     torch.manual_seed(0)
     plain = d.loss(zero_net, x0, cond, 0.1)
     assert abs(plain.item() - v2.mean().item()) < 1e-5 * plain.item()
+
+
+def test_logsnr_draw_gives_each_t_the_truncated_normals_mass_between_the_midpoints_of_its_lambda():
+    T, mean, std = 400, 0.5, 2.0
+    d = Diffusion(T, 1e-4, 0.02)
+    betas = [1e-4 + (0.02 - 1e-4) * i / (T - 1) for i in range(T)]
+    lam, ab = [], 1.0
+    for beta in betas:  # independent float64 lambda_t = log(alphabar_t / (1 - alphabar_t)), t = 1..T
+        ab *= 1 - beta
+        lam.append(math.log(ab / (1 - ab)))
+    cdf = lambda x: 0.5 * (1 + math.erf((x - mean) / (std * math.sqrt(2))))
+    edges = [lam[0]] + [(a + b) / 2 for a, b in zip(lam, lam[1:])] + [lam[-1]]
+    mass = [cdf(hi) - cdf(lo) for hi, lo in zip(edges, edges[1:])]
+    expected = torch.tensor(mass, dtype=torch.float64) / sum(mass)
+    got = d.t_probs([mean, std], "cpu")
+    assert got.shape == (T,) and torch.allclose(got.double(), expected, atol=1e-6)
+    near = torch.tensor([abs(v - mean) < std for v in lam])
+    assert got[near].sum() > 0.65 and near.double().mean() < 0.55  # gathered near lambda = mean, unlike uniform t
+    # the draws follow it: 200000 t's counted against P(t)
+    torch.manual_seed(0)
+    _, _, t, _ = d.noisy(torch.zeros(200000, 1, 1, 1), torch.zeros(200000, 24), 0.0, logsnr_draw=[mean, std])
+    assert t.min() >= 1 and t.max() <= T
+    freq = torch.bincount(t - 1, minlength=T).double() / len(t)
+    assert (freq - expected).abs().max() < 0.005
+
+
+def test_the_loss_trains_on_the_ts_of_its_logsnr_draw():
+    T = 50
+    d = Diffusion(T, 1e-4, 0.02)
+    ab = d.table["alphabar_t"][30].item()
+    seen = []
+    recording_net = lambda x_t, c, t: seen.append(t) or torch.zeros_like(x_t)
+    x0, cond = torch.zeros(64, 3, 4, 4), torch.zeros(64, 24)
+    d.loss(recording_net, x0, cond, 0.1, logsnr_draw=[math.log(ab / (1 - ab)), 1e-3])  # all at lambda_30
+    assert torch.equal(seen[0], torch.full((64,), 30 / T))
+    d.loss(recording_net, x0, cond, 0.1)  # the default: uniform on 1..T
+    assert len(set(seen[1].tolist())) > 20

@@ -55,8 +55,24 @@ def test_a_typed_network_setting_that_differs_from_the_checkpoint_is_refused(tin
 @pytest.mark.parametrize("argv,message", [
     (["--beta1", "0.03"], "--beta1 0.03: must be below --beta2 0.02"),
     (["--zero-snr", "1"], "add --prediction v"),
+    (["--logsnr-draw", "0"], "--logsnr-draw 0: must be MEAN,STD with STD > 0"),
+    (["--logsnr-draw", "0,-1"], "--logsnr-draw 0,-1: must be MEAN,STD with STD > 0"),
+    (["--logsnr-draw", "50,0.01"], r"--logsnr-draw 50,0.01: no mass in the schedule's range \[-4.03, 9.21\]"),
     (["--resume", "--out-dir", "/nonexistent/run"], "nothing to resume"),
 ])
 def test_settings_that_cannot_work_are_one_clear_error(argv, message):
     with pytest.raises(UserError, match=message):
         decide(argv)
+
+
+def test_a_runs_logsnr_draw_reaches_the_loss_and_its_checkpoint(tiny_data, tmp_path, monkeypatch):
+    import schedule
+    draws, noisy = [], schedule.Diffusion.noisy
+
+    def spy(self, *args, logsnr_draw=None, **kw):
+        draws.append(logsnr_draw)
+        return noisy(self, *args, logsnr_draw=logsnr_draw, **kw)
+    monkeypatch.setattr(schedule.Diffusion, "noisy", spy)
+    ckpt = tiny_run(tiny_data, tmp_path / "run", "--epochs", "1", "--logsnr-draw", "1,0.5")
+    assert draws.count([1.0, 0.5]) == 3  # each of the epoch's 3 training steps
+    assert ckpt["config"]["train"]["logsnr_draw"] == [1.0, 0.5]
