@@ -26,10 +26,21 @@ class Parser(argparse.ArgumentParser):
         super().__init__(formatter_class=HelpFormatter, **kw)
         self.defaults = defaults  # where the defaults live when the options' own are SUPPRESS (train.py's Settings)
 
+    def parse_known_args(self, args=None, namespace=None):
+        self.argv = list(sys.argv[1:] if args is None else args)  # for error's hint
+        return super().parse_known_args(args, namespace)
+
+    def negative_after(self, flag: str) -> bool:
+        """Whether flag was typed before a negative number such as -1,2, which argparse takes for a flag."""
+        argv = getattr(self, "argv", [])
+        return any(a == flag and b[:1] == "-" and b[1:2].isdigit() for a, b in zip(argv, argv[1:]))
+
     def error(self, message):
         flag, sep, rest = message.removeprefix("argument ").partition(": ")
         action = self._option_string_actions.get(flag.split("/")[0])
-        if sep and action and isinstance(action.type, Number):  # Numbers is a Number too
+        if sep and action and rest == "expected one argument" and self.negative_after(flag):
+            message = f"{flag}: {rest} (a value that starts with '-' is written {flag}=VALUE)"
+        elif sep and action and isinstance(action.type, Number):  # Numbers is a Number too
             default = action.default if action.default is not argparse.SUPPRESS else getattr(self.defaults, action.dest,
                                                                                              None)
             default = f" (default {default})" if default is not None else ""

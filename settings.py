@@ -132,8 +132,9 @@ def make_parser() -> Parser:
     add("--min-snr", "Min-SNR loss weighting min(SNR, g) / SNR (/ (SNR + 1) with --prediction v) with this g (5 in "
         "the paper); 0: plain MSE, as report C", type=Number(float, lo=0))
     add("--logsnr-draw", "MEAN,STD: draw each sample's t by its log-SNR log(alphabar / (1 - alphabar)) ~ N(MEAN, "
-        "STD^2) within the schedule's range (0,2: gathered around SNR 1); default: t uniform on 1..T, as report C",
-        type=Numbers(float, what="a finite number"))
+        "STD^2) within the schedule's range (0,2: gathered around SNR 1; a negative MEAN: --logsnr-draw=-1,2); "
+        "default: t uniform on 1..T, as report C",
+        type=Numbers(float, what="a finite number"), metavar="MEAN,STD")
     add("--drop-prob", "probability of dropping a sample's condition", type=PROBABILITY)
     add("--ema-decay", "EMA decay of the weights used for sampling",
         type=Number(float, 0, 1, hi_open=True, what="a decay in [0, 1)"))

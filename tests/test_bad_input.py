@@ -81,6 +81,8 @@ def test_training_mistakes(trained, tmp_path, capsys, monkeypatch):
     data, out = trained
     args = ["--out-dir", str(tmp_path / "t"), *TINY, "--epochs", "1"]
     fails(train, ["--data-dir", str(tmp_path / "nowhere"), *args], capsys, monkeypatch, "data folder not found")
+    fails(train, ["--data-dir", data, *args, "--logsnr-draw", "-1,2"], capsys, monkeypatch,
+          "--logsnr-draw: expected one argument (a value that starts with '-' is written --logsnr-draw=VALUE")
     fails(train, ["--data-dir", data, *args, "--image-size", "30"], capsys, monkeypatch,
           "--image-size 30: must be a multiple of 4 (the network halves it twice)")
     fails(train, ["--data-dir", data, "--image-dir", str(tmp_path / "noimg"), *args], capsys, monkeypatch,
