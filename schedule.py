@@ -211,7 +211,7 @@ class Diffusion:
         normal N(mean, std^2) given as logsnr_draw = (mean, std), truncated to the table's range, and takes the t
         whose lambda_t is nearest: the normal's mass between the midpoints of neighbouring lambda_t. (0, 2) is the
         logit-normal t of Esser et al. (arXiv 2403.03206) and a log-normal sigma as in Karras et al. (arXiv
-        2206.00364): the draws gather around SNR = 1, where the layout is decided."""
+        2206.00364): it gathers the draws around SNR = 1."""
         key = (*map(float, logsnr_draw), str(device))
         if key not in self._t_probs:
             mean, std = key[:2]

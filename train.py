@@ -322,6 +322,11 @@ def train(s: Settings) -> ContextUnet:
             evaluate, grid, save = at_boundary(r, eval_every, epoch_done, why, saved_at)
             val_acc = checkpoint(r, evaluate) if save else None
             saved_at = r.clock if save else saved_at
+            if evaluate and not why and s.minutes:  # a validation that spent the budget is the run's last: a step
+                # more would be scored all over again (rank 0's clock, agreed, so that every rank stops here)
+                _, _, r.clock = agree(torch.zeros((), device=device), False, world,
+                                      time.time() - t_start if rank == 0 else 0.0)
+                why = "time budget" if r.clock >= 60 * s.minutes else None
             if rank == 0:
                 left = 0 if why else time_left(s, t_start, r.step - step0, (s.epochs - r.epoch) * n_batches)
                 epoch = r.epoch + r.batch / n_batches if r.batch else r.epoch  # a fraction only inside an epoch

@@ -1,6 +1,7 @@
 """Honest model selection: a validation list that never meets the test lists, best.pt following the validation
 maximum (through a resume too), and the curves picture."""
 import json
+import time
 import os
 
 import pytest
@@ -159,3 +160,17 @@ def test_validation_draws_what_the_printed_sampling_command_draws(process, tiny_
     validated = judge.images[-1]
     assert (drawn["printed"] - validated).abs().mean() < 0.01  # PNG rounding and folded BatchNorm apart, the same
     assert (drawn["ddim"] - validated).abs().mean() > 0.05  # the old validation's DDIM at w 0.5 draws other images
+
+
+def test_a_validation_that_spends_the_budget_ends_the_run_without_a_step_and_a_score_more(tiny_data, tmp_path,
+                                                                                        monkeypatch):
+    scored = []
+
+    def slow_validation(r):  # an epoch's validation that runs past the 3 s budget
+        time.sleep(3.5)
+        scored.append(r.step)
+        return 0.5
+    monkeypatch.setattr(train, "validate", slow_validation)
+    best = run(tiny_data, tmp_path, monkeypatch, [], "--minutes", "0.05", "--epochs", "100000")
+    assert len(scored) == 1 and best["step"] == scored[0] == 3  # the first epoch's 3 steps, scored once
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 3
