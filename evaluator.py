@@ -197,9 +197,9 @@ def train_classifier(args) -> None:
     print(f"held-out scenes: top-k accuracy {judge.eval(to_float(x_val), y_val):.4f} ({len(x_val)} images)")
     objects = load_objects(args.data_dir)
     for split in ("test", "new_test", "val"):
-        truth = load_truth(args.data_dir, split, objects)
+        truth = load_truth(args.data_dir, split, objects, all_renders=True)
         if truth is not None:
-            print(f"ground-truth renders of {split}: top-k accuracy {judge.eval(*truth):.4f}")
+            print(f"ground-truth renders of {split}: top-k accuracy {judge.eval(*truth):.4f} ({len(truth[0])} images)")
     print(f"saved {args.out} after {args.epochs} epochs in {minutes:.1f} min on {device} ({precision})")
 
 

@@ -1,4 +1,5 @@
 """The score against hand-worked cases and against a plain re-implementation of the course's evaluator."""
+import json
 import os
 import shutil
 
@@ -115,7 +116,12 @@ def test_the_synthetic_sets_judge_trains_in_bf16_only_where_auto_says_so(amx, ti
     evaluator.train_classifier(evaluator.make_parser().parse_args(
         ["--train", "--data-dir", tiny_data, "--epochs", "1", "--batch-size", "16", "--out", str(out),
          "--device", "cpu"]))
-    assert capsys.readouterr().out.strip().splitlines()[-1].endswith(f"on cpu ({'bf16' if amx else 'fp32'})")
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].endswith(f"on cpu ({'bf16' if amx else 'fp32'})")
+    with open(os.path.join(tiny_data, "test.json")) as f:
+        n_test = len(json.load(f))  # every condition rendered twice: the judge reads all of the truth
+    assert any(line.startswith("ground-truth renders of test:") and line.endswith(f"({2 * n_test} images)")
+               for line in lines)
     saved = torch.load(out, weights_only=True)
     assert list(saved) == ["model", "data"]  # the course's format, plus the fingerprint of the images it learnt
     assert saved["data"] == train_fingerprint(tiny_data)
