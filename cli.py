@@ -4,6 +4,7 @@ with exit status 2, the checked number ranges of the options, and the check that
 import argparse
 import math
 import os
+import re
 import sys
 
 
@@ -33,7 +34,7 @@ class Parser(argparse.ArgumentParser):
     def negative_after(self, flag: str) -> bool:
         """Whether flag was typed before a negative number such as -1,2, which argparse takes for a flag."""
         argv = getattr(self, "argv", [])
-        return any(a == flag and b[:1] == "-" and b[1:2].isdigit() for a, b in zip(argv, argv[1:]))
+        return any(a == flag and re.match(r"-\.?\d", b) for a, b in zip(argv, argv[1:]))
 
     def error(self, message):
         flag, sep, rest = message.removeprefix("argument ").partition(": ")

@@ -25,13 +25,14 @@ LAMBDA_FLOOR = -5.0  # DPM-Solver++'s steps start no noisier than this log(alpha
 
 
 def ddpm_schedules(beta1: float = 1e-4, beta2: float = 0.02, T: int = 400, kind: str = "linear",
-                   zero_snr: bool = False) -> dict:
-    """Precomputed coefficients, each a float32 tensor of shape (T + 1,). Computed in float64 so that the running
-    product alphabar_t does not drift over hundreds of steps. zero_snr: sqrt(alphabar_t) shifted and scaled so that
-    it keeps its value at t = 1 and reaches 0 at t = T (Lin et al., algorithm 1). Unrescaled, the linear schedule
-    leaves sqrt(alphabar_T) = 0.13 of the image in x_T, which training sees and sampling (from pure noise) does not.
-    Then beta_T = 1, and the eps form of the DDPM mean is singular at t = T (1 / sqrt(alpha_T) is inf): such a
-    schedule is sampled with v-prediction, through the posterior mean around the predicted x0."""
+                   zero_snr: bool = False, dtype: torch.dtype = torch.float32) -> dict:
+    """Precomputed coefficients, each a tensor of shape (T + 1,) in dtype (float32 for the steps), computed in
+    float64 so that the running product alphabar_t does not drift over hundreds of steps. zero_snr: sqrt(alphabar_t)
+    shifted and scaled so that it keeps its value at t = 1 and reaches 0 at t = T (Lin et al., algorithm 1).
+    Unrescaled, the linear schedule leaves sqrt(alphabar_T) = 0.13 of the image in x_T, which training sees and
+    sampling (from pure noise) does not. Then beta_T = 1, and the eps form of the DDPM mean is singular at t = T
+    (1 / sqrt(alpha_T) is inf): such a schedule is sampled with v-prediction, through the posterior mean around the
+    predicted x0."""
     t = torch.arange(T + 1, dtype=torch.float64)
     if kind == "linear":
         beta_t = beta1 + (beta2 - beta1) * (t - 1) / max(T - 1, 1)  # beta_1 = beta1 ... beta_T = beta2
@@ -68,7 +69,7 @@ def ddpm_schedules(beta1: float = 1e-4, beta2: float = 0.02, T: int = 400, kind:
     # coef_x0 = sqrt(ab_{t-1}) beta_t / (1 - ab_t), coef_xt = sqrt(alpha_t) (1 - ab_{t-1}) / (1 - ab_t)
     table["coef_x0"] = torch.where(t > 0, alphabar_prev.sqrt() * beta_t / one_minus_ab, 0.0)
     table["coef_xt"] = torch.where(t > 0, alpha_t.sqrt() * (1 - alphabar_prev) / one_minus_ab, 0.0)
-    return {k: v.float() for k, v in table.items()}
+    return {k: v.to(dtype) for k, v in table.items()}
 
 
 def _at(coef: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -192,7 +193,7 @@ class Diffusion:
                        "prediction": prediction}  # what a checkpoint records of it
         self.table = ddpm_schedules(beta1, beta2, T, schedule, bool(zero_snr))
         self._on = {}  # the table on each device it was asked on
-        self._t_probs = {}  # P(t) of each log-SNR draw asked for, on its device
+        self._t_probs, self._t_cdf = {}, {}  # P(t) of each log-SNR draw asked for, and its cumulative sum by device
 
     @classmethod
     def from_config(cls, cfg: dict) -> "Diffusion":
@@ -206,25 +207,42 @@ class Diffusion:
             self._on[key] = {k: v.to(device) for k, v in self.table.items()}
         return self._on[key]
 
-    def t_probs(self, logsnr_draw, device) -> torch.Tensor:
-        """P(t) for t = 1..T (T,) when training draws the log-SNR lambda = log(alphabar / (1 - alphabar)) from the
-        normal N(mean, std^2) given as logsnr_draw = (mean, std), truncated to the table's range, and takes the t
-        whose lambda_t is nearest: the normal's mass between the midpoints of neighbouring lambda_t. (0, 2) is the
-        logit-normal t of Esser et al. (arXiv 2403.03206) and a log-normal sigma as in Karras et al. (arXiv
-        2206.00364): it gathers the draws around SNR = 1."""
-        key = (*map(float, logsnr_draw), str(device))
+    def t_probs(self, logsnr_draw) -> torch.Tensor:
+        """P(t) for t = 1..T (T,) in float64 when training draws the log-SNR lambda = log(alphabar / (1 - alphabar))
+        from the normal N(mean, std^2) given as logsnr_draw = (mean, std), truncated to the table's range, and takes
+        the t whose lambda_t is nearest: the normal's mass between the midpoints of neighbouring lambda_t. (0, 2) is
+        the logit-normal t of Esser et al. (arXiv 2403.03206), which gathers the draws around SNR = 1."""
+        key = tuple(map(float, logsnr_draw))
         if key not in self._t_probs:
-            mean, std = key[:2]
-            ab = self.table["alphabar_t"][1:]
-            lam = (ab / (1 - ab)).log()  # decreasing in t; -inf at t = T of a zero-SNR schedule
+            mean, std = key
+            c = self.config
+            ab = ddpm_schedules(c["beta1"], c["beta2"], self.T, c["schedule"], bool(c["zero_snr"]),
+                                torch.float64)["alphabar_t"][1:]
+            lam = (ab / (1 - ab)).log()  # decreasing in t
+            if torch.isinf(lam[-1]) and self.T > 2:  # zero SNR at t = T: its bin as wide as the one before
+                lam[-1] = 2 * lam[-2] - lam[-3]
             edges = torch.cat([lam[:1], (lam[:-1] + lam[1:]) / 2, lam[-1:]])  # T + 1 edges, the ends the range's
-            cdf = torch.special.ndtr((edges - mean) / std)
-            mass = cdf[:-1] - cdf[1:]
-            if not mass.sum() > 0:
-                raise ValueError(f"log-SNR draw {mean:g},{std:g}: no mass in the schedule's range "
-                                 f"[{lam[-1].item():.2f}, {lam[0].item():.2f}]")
-            self._t_probs[key] = (mass / mass.sum()).float().to(device)
+            if not lam[-1] <= mean <= lam[0]:  # else nearly all of it would pile up at one end
+                raise ValueError(f"log-SNR draw {mean:g},{std:g}: MEAN {mean:g} is outside the schedule's log-SNR "
+                                 f"range [{lam[-1].item():.2f}, {lam[0].item():.2f}]")
+            z = (edges - mean) / std
+            # the normal's mass between neighbouring edges, from its nearer tail (ndtr rounds to 1 far above 0)
+            ndtr = torch.special.ndtr
+            mass = torch.where(z[1:] > 0, ndtr(-z[1:]) - ndtr(-z[:-1]), ndtr(z[:-1]) - ndtr(z[1:]))
+            self._t_probs[key] = mass / mass.sum()
         return self._t_probs[key]
+
+    def draw_t(self, n: int, device, gen: torch.Generator = None, logsnr_draw=None) -> torch.Tensor:
+        """n integer timesteps in 1..T: uniform, or by t_probs(logsnr_draw), by inverting its cumulative sum (one
+        uniform draw each: deterministic on CUDA, where multinomial is not in every torch)."""
+        if not logsnr_draw:
+            return torch.randint(1, self.T + 1, (n,), device=device, generator=gen)  # t = 1 is one noising step
+        key = (*map(float, logsnr_draw), str(device))
+        if key not in self._t_cdf:
+            self._t_cdf[key] = self.t_probs(logsnr_draw).cumsum(0).to(device)
+        cdf = self._t_cdf[key]
+        u = torch.rand(n, device=device, generator=gen, dtype=torch.float64)
+        return torch.searchsorted(cdf, u, right=True).clamp(max=self.T - 1) + 1
 
     def noisy(self, x0: torch.Tensor, cond: torch.Tensor, drop_prob: float, gen: torch.Generator = None,
               logsnr_draw=None):
@@ -234,10 +252,7 @@ class Diffusion:
         zeroed, integer t (B,), eps); gen: a generator of its own, or the global one."""
         sched, bs = self.on(x0.device), x0.shape[0]
         keep = (torch.rand(bs, device=x0.device, generator=gen) >= drop_prob).to(cond.dtype)
-        if logsnr_draw:
-            t = torch.multinomial(self.t_probs(logsnr_draw, x0.device), bs, replacement=True, generator=gen) + 1
-        else:
-            t = torch.randint(1, self.T + 1, (bs,), device=x0.device, generator=gen)  # t = 1 is one noising step
+        t = self.draw_t(bs, x0.device, gen, logsnr_draw)
         eps = torch.randn(x0.shape, device=x0.device, generator=gen)
         return q_sample(x0, t, eps, sched), cond * keep[:, None], t, eps
 

@@ -194,9 +194,9 @@ def decide(argv=None) -> Settings:
         if len(s.logsnr_draw) != 2 or s.logsnr_draw[1] <= 0:
             raise UserError(f"--logsnr-draw {text}: must be MEAN,STD with STD > 0, such as 0,2")
         try:
-            Diffusion(s.T, s.beta1, s.beta2, s.schedule, s.zero_snr, s.prediction).t_probs(s.logsnr_draw, "cpu")
+            Diffusion(s.T, s.beta1, s.beta2, s.schedule, s.zero_snr, s.prediction).t_probs(s.logsnr_draw)
         except ValueError as e:
-            raise UserError(f"--logsnr-draw {text}: {str(e).split(': ', 1)[1]}; move MEAN inside it or widen STD")
+            raise UserError(f"--logsnr-draw {text}: {str(e).split(': ', 1)[1]}; choose a MEAN inside it")
     if s.zero_snr and s.prediction == "eps":
         raise UserError("--zero-snr 1 with --prediction eps: at zero SNR the noise is x_T itself and says nothing of "
                         "the image; add --prediction v")

@@ -164,8 +164,8 @@ def train_step(r: Trainer, idx: torch.Tensor, step: int, signal: bool = False, c
 
 def bn_batches(images: torch.Tensor, cond: torch.Tensor, diffusion: Diffusion, drop_prob: float, seed: int,
                n_images: int, batch_size: int):
-    """Inputs drawn as in training, from a generator of their own (training randomness is untouched): yields
-    (x_t, cond, t / T) batches covering n_images."""
+    """Inputs drawn as in training but with t uniform on 1..T, as sampling visits every t, from a generator of their
+    own (training randomness is untouched): yields (x_t, cond, t / T) batches covering n_images."""
     gen = torch.Generator(images.device).manual_seed(seed)
     for _ in range(max(1, n_images // batch_size)):
         idx = torch.randint(len(images), (batch_size,), device=images.device, generator=gen)

@@ -83,6 +83,7 @@ def test_training_mistakes(trained, tmp_path, capsys, monkeypatch):
     fails(train, ["--data-dir", str(tmp_path / "nowhere"), *args], capsys, monkeypatch, "data folder not found")
     fails(train, ["--data-dir", data, *args, "--logsnr-draw", "-1,2"], capsys, monkeypatch,
           "--logsnr-draw: expected one argument (a value that starts with '-' is written --logsnr-draw=VALUE")
+    fails(train, ["--data-dir", data, *args, "--logsnr-draw", "-.5,2"], capsys, monkeypatch, "--logsnr-draw=VALUE")
     fails(train, ["--data-dir", data, *args, "--image-size", "30"], capsys, monkeypatch,
           "--image-size 30: must be a multiple of 4 (the network halves it twice)")
     fails(train, ["--data-dir", data, "--image-dir", str(tmp_path / "noimg"), *args], capsys, monkeypatch,

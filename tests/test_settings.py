@@ -57,7 +57,8 @@ def test_a_typed_network_setting_that_differs_from_the_checkpoint_is_refused(tin
     (["--zero-snr", "1"], "add --prediction v"),
     (["--logsnr-draw", "0"], "--logsnr-draw 0: must be MEAN,STD with STD > 0"),
     (["--logsnr-draw", "0,-1"], "--logsnr-draw 0,-1: must be MEAN,STD with STD > 0"),
-    (["--logsnr-draw", "50,0.01"], r"--logsnr-draw 50,0.01: no mass in the schedule's range \[-4.03, 9.21\]"),
+    (["--logsnr-draw", "50,0.01"], r"--logsnr-draw 50,0.01: MEAN 50 is outside the schedule's log-SNR range "
+                                   r"\[-4.03, 9.21\]; choose a MEAN inside it"),
     (["--resume", "--out-dir", "/nonexistent/run"], "nothing to resume"),
 ])
 def test_settings_that_cannot_work_are_one_clear_error(argv, message):
@@ -73,6 +74,6 @@ def test_a_runs_logsnr_draw_reaches_the_loss_and_its_checkpoint(tiny_data, tmp_p
         draws.append(logsnr_draw)
         return noisy(self, *args, logsnr_draw=logsnr_draw, **kw)
     monkeypatch.setattr(schedule.Diffusion, "noisy", spy)
-    ckpt = tiny_run(tiny_data, tmp_path / "run", "--epochs", "1", "--logsnr-draw", "1,0.5")
-    assert draws.count([1.0, 0.5]) == 3  # each of the epoch's 3 training steps
-    assert ckpt["config"]["train"]["logsnr_draw"] == [1.0, 0.5]
+    ckpt = tiny_run(tiny_data, tmp_path / "run", "--epochs", "1", "--logsnr-draw", "3,0.5")
+    assert draws.count([3.0, 0.5]) == 3  # each of the epoch's 3 training steps
+    assert ckpt["config"]["train"]["logsnr_draw"] == [3.0, 0.5]
