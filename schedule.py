@@ -193,7 +193,7 @@ class Diffusion:
                        "prediction": prediction}  # what a checkpoint records of it
         self.table = ddpm_schedules(beta1, beta2, T, schedule, bool(zero_snr))
         self._on = {}  # the table on each device it was asked on
-        self._t_probs, self._t_cdf = {}, {}  # P(t) of each log-SNR draw asked for, and its cumulative sum by device
+        self._t_cdf = {}  # the cumulative P(t) of each log-SNR draw asked for, on each device
 
     @classmethod
     def from_config(cls, cfg: dict) -> "Diffusion":
@@ -212,25 +212,22 @@ class Diffusion:
         from the normal N(mean, std^2) given as logsnr_draw = (mean, std), truncated to the table's range, and takes
         the t whose lambda_t is nearest: the normal's mass between the midpoints of neighbouring lambda_t. (0, 2) is
         the logit-normal t of Esser et al. (arXiv 2403.03206), which gathers the draws around SNR = 1."""
-        key = tuple(map(float, logsnr_draw))
-        if key not in self._t_probs:
-            mean, std = key
-            c = self.config
-            ab = ddpm_schedules(c["beta1"], c["beta2"], self.T, c["schedule"], bool(c["zero_snr"]),
-                                torch.float64)["alphabar_t"][1:]
-            lam = (ab / (1 - ab)).log()  # decreasing in t
-            if torch.isinf(lam[-1]) and self.T > 2:  # zero SNR at t = T: its bin as wide as the one before
-                lam[-1] = 2 * lam[-2] - lam[-3]
-            edges = torch.cat([lam[:1], (lam[:-1] + lam[1:]) / 2, lam[-1:]])  # T + 1 edges, the ends the range's
-            if not lam[-1] <= mean <= lam[0]:  # else nearly all of it would pile up at one end
-                raise ValueError(f"log-SNR draw {mean:g},{std:g}: MEAN {mean:g} is outside the schedule's log-SNR "
-                                 f"range [{lam[-1].item():.2f}, {lam[0].item():.2f}]")
-            z = (edges - mean) / std
-            # the normal's mass between neighbouring edges, from its nearer tail (ndtr rounds to 1 far above 0)
-            ndtr = torch.special.ndtr
-            mass = torch.where(z[1:] > 0, ndtr(-z[1:]) - ndtr(-z[:-1]), ndtr(z[:-1]) - ndtr(z[1:]))
-            self._t_probs[key] = mass / mass.sum()
-        return self._t_probs[key]
+        mean, std = map(float, logsnr_draw)
+        c = self.config
+        ab = ddpm_schedules(c["beta1"], c["beta2"], self.T, c["schedule"], bool(c["zero_snr"]),
+                            torch.float64)["alphabar_t"][1:]
+        lam = (ab / (1 - ab)).log()  # decreasing in t
+        if torch.isinf(lam[-1]) and self.T > 2:  # zero SNR at t = T: its bin as wide as the one before
+            lam[-1] = 2 * lam[-2] - lam[-3]
+        edges = torch.cat([lam[:1], (lam[:-1] + lam[1:]) / 2, lam[-1:]])  # T + 1 edges, the ends the range's
+        if not lam[-1] <= mean <= lam[0]:  # else nearly all of it would pile up at one end
+            raise ValueError(f"log-SNR draw {mean:g},{std:g}: MEAN {mean:g} is outside the schedule's log-SNR "
+                             f"range [{lam[-1].item():.2f}, {lam[0].item():.2f}]")
+        z = (edges - mean) / std
+        # the normal's mass between neighbouring edges, from its nearer tail (ndtr rounds to 1 far above 0)
+        ndtr = torch.special.ndtr
+        mass = torch.where(z[1:] > 0, ndtr(-z[1:]) - ndtr(-z[:-1]), ndtr(z[:-1]) - ndtr(z[1:]))
+        return mass / mass.sum()
 
     def draw_t(self, n: int, device, gen: torch.Generator = None, logsnr_draw=None) -> torch.Tensor:
         """n integer timesteps in 1..T: uniform, or by t_probs(logsnr_draw), by inverting its cumulative sum (one
