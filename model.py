@@ -4,7 +4,8 @@ The condition enters the decoder as `c_e * h + t_e`: a context embedding multipl
 embedding is added, as in the classifier-free guidance MNIST ContextUnet that report C started from. Options, all off
 by default: the same at the bottleneck vector; one token per object with cross-attention from the feature map to the
 tokens (as the text tokens of latent diffusion, arXiv 2112.10752); GroupNorm with a scale and shift from the time and
-condition embedding in the residual blocks (AdaGN, arXiv 2105.05233). Its constructor arguments are saved in every
+condition embedding in the residual blocks (AdaGN, arXiv 2105.05233); `c_e * h + t_e` in the encoder too; self-attention
+among the positions of the S/4 map. Its constructor arguments are saved in every
 checkpoint (`model.config`), so that every script rebuilds the network from the checkpoint alone.
 """
 import torch
@@ -93,25 +94,29 @@ class ObjectTokens(nn.Module):
         return self.table(torch.where(present > 0, idx, self.n_classes))
 
 
-class CrossAttention(nn.Module):
-    """h + proj(attention(query: each position of norm(h), keys and values: the object tokens)). The multi-hot
-    embedding tells every position which objects the scene holds; attention lets each position pick one of them.
-    The output projection starts at zero, so the block starts as the identity."""
+class Attention(nn.Module):
+    """h + proj(attention(query: each position of norm(h), keys and values: the object tokens, or with no tokens the
+    positions of norm(h) themselves)). Cross-attention: the multi-hot embedding tells every position which objects the
+    scene holds; attention lets each position pick one of them. Self-attention: each position sees what the others
+    draw, so that two places do not draw the same object. The output projection starts at zero, so the block starts
+    as the identity."""
 
-    def __init__(self, ch: int, token_dim: int, head_dim: int = 32):
+    def __init__(self, ch: int, token_dim: int = None, head_dim: int = 32):
         super().__init__()
         # the most heads of about head_dim channels that split ch evenly (n_feat 56: 112 channels -> 2 heads, not 3)
         self.heads = next(h for h in range(max(1, ch // head_dim), 0, -1) if ch % h == 0)
         self.norm = nn.GroupNorm(8, ch)
-        self.q, self.kv = nn.Conv2d(ch, ch, 1), nn.Linear(token_dim, 2 * ch)
+        self.q, self.kv = nn.Conv2d(ch, ch, 1), nn.Linear(token_dim or ch, 2 * ch)
         self.proj = nn.Conv2d(ch, ch, 1)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
-    def forward(self, h, tokens):
+    def forward(self, h, tokens=None):
         n, c, height, width = h.shape
-        q = self.q(self.norm(h)).flatten(2).transpose(1, 2)                     # (N, HW, C)
-        k, v = self.kv(tokens.to(q.dtype)).chunk(2, dim=-1)                     # (N, K, C) each
+        normed = self.norm(h)
+        q = self.q(normed).flatten(2).transpose(1, 2)                           # (N, HW, C)
+        tokens = normed.flatten(2).transpose(1, 2) if tokens is None else tokens.to(q.dtype)  # (N, K, D); K = HW
+        k, v = self.kv(tokens).chunk(2, dim=-1)                                 # (N, K, C) each
         # (N, heads, L, C/heads)
         split = lambda x: x.reshape(n, x.shape[1], self.heads, c // self.heads).transpose(1, 2)
         out = F.scaled_dot_product_attention(split(q), split(k), split(v))      # (N, heads, HW, C/heads)
@@ -127,12 +132,13 @@ class ContextUnet(nn.Module):
     Options (off by default, saved in config only when on, so report C's checkpoints keep their exact config):
     cond_bottleneck: c_e * h + t_e at the bottleneck vector too; cross_attn 1: cross-attention to per-object tokens
     at S/4, 2: at S/4 and S/2; adagn: AdaGN in every residual block instead of BatchNorm; cond_embed "linear": each
-    condition embedding one Linear layer instead of the MLP.
+    condition embedding one Linear layer instead of the MLP; cond_encoder: c_e * h + t_e at the input of both
+    downsampling blocks too (the encoder otherwise sees neither); self_attn: self-attention on the S/4 map.
     """
 
     def __init__(self, in_channels: int = 3, n_feat: int = 128, n_classes: int = 24, image_size: int = 64,
                  cond_bottleneck: bool = False, cross_attn: int = 0, adagn: bool = False, cond_embed: str = "mlp",
-                 max_objects: int = 3):
+                 max_objects: int = 3, cond_encoder: bool = False, self_attn: bool = False):
         super().__init__()
         if image_size % 4:
             raise ValueError(f"image_size {image_size} is not divisible by 4 (the net halves it twice)")
@@ -141,9 +147,11 @@ class ContextUnet(nn.Module):
         self.config = dict(in_channels=in_channels, n_feat=n_feat, n_classes=n_classes, image_size=image_size)
         options = dict(cond_bottleneck=cond_bottleneck, cross_attn=cross_attn, adagn=adagn,
                        cond_embed=cond_embed if cond_embed != "mlp" else None,
-                       max_objects=max_objects if cross_attn and max_objects != 3 else None)
+                       max_objects=max_objects if cross_attn and max_objects != 3 else None,
+                       cond_encoder=cond_encoder, self_attn=self_attn)
         self.config.update({k: v for k, v in options.items() if v})
         self.cond_bottleneck, self.cross_attn, self.adagn = cond_bottleneck, cross_attn, adagn
+        self.cond_encoder, self.self_attn = cond_encoder, self_attn
         linear = cond_embed == "linear"
         bottom = image_size // 4  # spatial size after the two downsamplings
         emb_dim = 4 * n_feat if adagn else 0
@@ -160,9 +168,14 @@ class ContextUnet(nn.Module):
             self.timeembed0, self.contextembed0 = EmbedFC(1, 2 * n_feat), EmbedFC(n_classes, 2 * n_feat, linear)
         if cross_attn:  # at S/4 on the encoder's last map (the skip and the bottleneck both read it), then at S/2
             self.tokens = ObjectTokens(n_classes, 2 * n_feat, max_objects)
-            self.attn_bottom = CrossAttention(2 * n_feat, 2 * n_feat)
+            self.attn_bottom = Attention(2 * n_feat, 2 * n_feat)
             if cross_attn == 2:
-                self.attn_mid = CrossAttention(n_feat, 2 * n_feat)
+                self.attn_mid = Attention(n_feat, 2 * n_feat)
+        if cond_encoder:  # the encoder's two blocks see t and the condition as the decoder's do: c_e * h + t_e
+            self.timeembed_enc1, self.contextembed_enc1 = EmbedFC(1, n_feat), EmbedFC(n_classes, n_feat, linear)
+            self.timeembed_enc2, self.contextembed_enc2 = EmbedFC(1, n_feat), EmbedFC(n_classes, n_feat, linear)
+        if self_attn:  # on the S/4 map after the object tokens: where each object goes, seen by all positions
+            self.attn_self = Attention(2 * n_feat)
         if adagn:  # one embedding of (t, cond) for every block, as in the guided-diffusion U-Net
             self.timeembed_norm, self.contextembed_norm = EmbedFC(1, emb_dim), EmbedFC(n_classes, emb_dim, linear)
         self.up0 = nn.Sequential(nn.ConvTranspose2d(2 * n_feat, 2 * n_feat, bottom, bottom),
@@ -181,11 +194,16 @@ class ContextUnet(nn.Module):
             # (N, 4F)
             emb = F.silu(self.contextembed_norm(cond) + self.timeembed_norm(t)).flatten(1) if self.adagn else None
             tokens = self.tokens(cond) if self.cross_attn else None  # (N, max_objects, 2F)
+            if self.cond_encoder:  # (N, F, 1, 1) each
+                c_enc1, t_enc1 = self.contextembed_enc1(cond), self.timeembed_enc1(t)
+                c_enc2, t_enc2 = self.contextembed_enc2(cond), self.timeembed_enc2(t)
         x = self.init_conv(x_t, emb)     # (N, F, S, S)
-        down1 = self.down1(x, emb)       # (N, F, S/2, S/2)
-        down2 = self.down2(down1, emb)   # (N, 2F, S/4, S/4)
+        down1 = self.down1(c_enc1 * x + t_enc1 if self.cond_encoder else x, emb)              # (N, F, S/2, S/2)
+        down2 = self.down2(c_enc2 * down1 + t_enc2 if self.cond_encoder else down1, emb)      # (N, 2F, S/4, S/4)
         if self.cross_attn:
             down2 = self.attn_bottom(down2, tokens)
+        if self.self_attn:
+            down2 = self.attn_self(down2)
         hidden = self.to_vec(down2)      # (N, 2F, 1, 1)
         if self.cond_bottleneck:
             with torch.autocast(x_t.device.type, enabled=False):

@@ -37,6 +37,8 @@ class Settings:
     cross_attn: int = 0
     adagn: int = 0
     cond_embed: str = "mlp"
+    cond_encoder: int = 0
+    self_attn: int = 0
     min_snr: float = 0.0
     logsnr_draw: list = None        # [mean, std]: t drawn by a normal log-SNR; None: t uniform on 1..T (report C)
     drop_prob: float = 0.1
@@ -63,7 +65,7 @@ class Settings:
 DEFAULTS = Settings()
 # settings that change the network or the noise process: a checkpoint is only valid with the same ones
 MODEL_KEYS = ("image_size", "n_feat", "T", "beta1", "beta2", "schedule", "zero_snr", "prediction", "cond_bottleneck",
-              "cross_attn", "adagn", "cond_embed")
+              "cross_attn", "adagn", "cond_embed", "cond_encoder", "self_attn")
 NOT_SAVED = ("resume", "device")  # how this invocation runs, not what the run is
 PRESETS = {
     # A CPU has few optimizer steps to spend, so the preset buys steps (32x32 images, batches of 16, lr 1e-3) and
@@ -127,6 +129,10 @@ def make_parser() -> Parser:
         "and S/2; 0: none, as report C", type=Number(int, 0, 2, what="0, 1 or 2"))
     add("--adagn", "1: GroupNorm with scale and shift from the time and condition embedding in every residual block, "
         "instead of BatchNorm", type=SWITCH)
+    add("--cond-encoder", "1: the condition and t also enter the encoder (c_e * h + t_e at the input of both "
+        "downsampling blocks); 0: the decoder alone, as report C", type=SWITCH)
+    add("--self-attn", "1: self-attention among the positions of the S/4 feature map, after its cross-attention",
+        type=SWITCH)
     add("--cond-embed", "the condition's embedding: Linear-GELU-Linear (report C) or one Linear layer",
         choices=["mlp", "linear"])
     add("--min-snr", "Min-SNR loss weighting min(SNR, g) / SNR (/ (SNR + 1) with --prediction v) with this g (5 in "

@@ -61,7 +61,7 @@ def test_under_bf16_autocast_neighbouring_timesteps_stay_apart():
 
 
 OPTIONS = [dict(), dict(cross_attn=1), dict(cross_attn=2), dict(adagn=True), dict(cond_embed="linear"),
-           dict(cross_attn=2, adagn=True, cond_bottleneck=True)]
+           dict(cross_attn=2, adagn=True, cond_bottleneck=True), dict(cond_encoder=True), dict(self_attn=True)]
 
 
 def test_the_default_config_is_report_cs_and_options_appear_only_when_on():
@@ -111,9 +111,9 @@ def test_object_tokens_are_one_per_object_then_the_empty_token():
 
 
 def test_cross_attention_starts_as_the_identity_and_reads_the_tokens():
-    from model import CrossAttention
+    from model import Attention
     torch.manual_seed(0)
-    attn = CrossAttention(16, 8)
+    attn = Attention(16, 8)
     h, tokens = torch.randn(2, 16, 4, 4), torch.randn(2, 3, 8)
     torch.testing.assert_close(attn(h, tokens), h)  # zero output projection: training starts from the plain U-Net
     torch.nn.init.normal_(attn.proj.weight)
@@ -143,6 +143,36 @@ def test_adagn_has_no_batchnorm_and_its_scale_and_shift_follow_the_condition():
     assert not torch.allclose(out[0], out[1])
 
 
+def test_self_attention_starts_as_the_identity_and_mixes_distant_positions():
+    from model import Attention
+    torch.manual_seed(0)
+    attn = Attention(16)
+    h = torch.randn(2, 16, 4, 4)
+    torch.testing.assert_close(attn(h), h)
+    torch.nn.init.normal_(attn.proj.weight)
+    moved = h.clone()
+    moved[:, :, 0, 0] += 1  # one corner changes: a 1x1 or 3x3 layer would leave the far corner as it was
+    assert not torch.allclose(attn(h)[:, :, 3, 3], attn(moved)[:, :, 3, 3])
+
+
+def test_cond_encoder_gives_the_encoder_the_condition():
+    torch.manual_seed(0)
+    model = ContextUnet(n_feat=8, image_size=16, cond_encoder=True).eval()
+    for embed in (model.contextembed1, model.contextembed2):  # silence the decoder's condition: only the encoder's
+        embed.net[2].weight.data.zero_()
+        embed.net[2].bias.data.fill_(1)
+    x, t = torch.randn(1, 3, 16, 16).repeat(2, 1, 1, 1), torch.rand(1).repeat(2)
+    c = torch.zeros(2, 24)
+    c[1, 3] = 1
+    out = model(x, c, t)
+    assert not torch.allclose(out[0], out[1])
+    for embed in (model.contextembed_enc1, model.contextembed_enc2):
+        embed.net[2].weight.data.zero_()
+        embed.net[2].bias.data.fill_(1)
+    out = model(x, c, t)
+    torch.testing.assert_close(out[0], out[1])  # and nothing else carried it
+
+
 def test_linear_condition_embedding_is_one_layer():
     m = ContextUnet(n_feat=8, image_size=16, cond_embed="linear", cond_bottleneck=True)
     for e in (m.contextembed0, m.contextembed1, m.contextembed2):
@@ -160,5 +190,5 @@ def test_cross_attention_runs_at_widths_that_are_not_multiples_of_32(n_feat, cro
 
 @pytest.mark.parametrize("ch", [32, 64, 128, 256])
 def test_cross_attention_keeps_one_head_per_32_channels_where_32_divides_the_width(ch):
-    from model import CrossAttention
-    assert CrossAttention(ch, 8).heads == ch // 32
+    from model import Attention
+    assert Attention(ch, 8).heads == ch // 32
