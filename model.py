@@ -4,8 +4,8 @@ The condition enters the decoder as `c_e * h + t_e`: a context embedding multipl
 embedding is added, as in the classifier-free guidance MNIST ContextUnet that report C started from. Options, all off
 by default: the same at the bottleneck vector; one token per object with cross-attention from the feature map to the
 tokens (as the text tokens of latent diffusion, arXiv 2112.10752); GroupNorm with a scale and shift from the time and
-condition embedding in the residual blocks (AdaGN, arXiv 2105.05233); `c_e * h + t_e` in the encoder too; self-attention
-among the positions of the S/4 map. Its constructor arguments are saved in every
+condition embedding in the residual blocks (AdaGN, arXiv 2105.05233); self-attention among the positions of the S/4 map.
+Its constructor arguments are saved in every
 checkpoint (`model.config`), so that every script rebuilds the network from the checkpoint alone.
 """
 import torch
@@ -132,13 +132,13 @@ class ContextUnet(nn.Module):
     Options (off by default, saved in config only when on, so report C's checkpoints keep their exact config):
     cond_bottleneck: c_e * h + t_e at the bottleneck vector too; cross_attn 1: cross-attention to per-object tokens
     at S/4, 2: at S/4 and S/2; adagn: AdaGN in every residual block instead of BatchNorm; cond_embed "linear": each
-    condition embedding one Linear layer instead of the MLP; cond_encoder: c_e * h + t_e at the input of both
-    downsampling blocks too (the encoder otherwise sees neither); self_attn: self-attention on the S/4 map.
+    condition embedding one Linear layer instead of the MLP; self_attn: self-attention on the S/4 map after its
+    cross-attention.
     """
 
     def __init__(self, in_channels: int = 3, n_feat: int = 128, n_classes: int = 24, image_size: int = 64,
                  cond_bottleneck: bool = False, cross_attn: int = 0, adagn: bool = False, cond_embed: str = "mlp",
-                 max_objects: int = 3, cond_encoder: bool = False, self_attn: bool = False):
+                 max_objects: int = 3, self_attn: bool = False):
         super().__init__()
         if image_size % 4:
             raise ValueError(f"image_size {image_size} is not divisible by 4 (the net halves it twice)")
@@ -148,10 +148,10 @@ class ContextUnet(nn.Module):
         options = dict(cond_bottleneck=cond_bottleneck, cross_attn=cross_attn, adagn=adagn,
                        cond_embed=cond_embed if cond_embed != "mlp" else None,
                        max_objects=max_objects if cross_attn and max_objects != 3 else None,
-                       cond_encoder=cond_encoder, self_attn=self_attn)
+                       self_attn=self_attn)
         self.config.update({k: v for k, v in options.items() if v})
         self.cond_bottleneck, self.cross_attn, self.adagn = cond_bottleneck, cross_attn, adagn
-        self.cond_encoder, self.self_attn = cond_encoder, self_attn
+        self.self_attn = self_attn
         linear = cond_embed == "linear"
         bottom = image_size // 4  # spatial size after the two downsamplings
         emb_dim = 4 * n_feat if adagn else 0
@@ -171,9 +171,6 @@ class ContextUnet(nn.Module):
             self.attn_bottom = Attention(2 * n_feat, 2 * n_feat)
             if cross_attn == 2:
                 self.attn_mid = Attention(n_feat, 2 * n_feat)
-        if cond_encoder:  # the encoder's two blocks see t and the condition as the decoder's do: c_e * h + t_e
-            self.timeembed_enc1, self.contextembed_enc1 = EmbedFC(1, n_feat), EmbedFC(n_classes, n_feat, linear)
-            self.timeembed_enc2, self.contextembed_enc2 = EmbedFC(1, n_feat), EmbedFC(n_classes, n_feat, linear)
         if self_attn:  # on the S/4 map after the object tokens: where each object goes, seen by all positions
             self.attn_self = Attention(2 * n_feat)
         if adagn:  # one embedding of (t, cond) for every block, as in the guided-diffusion U-Net
@@ -194,12 +191,9 @@ class ContextUnet(nn.Module):
             # (N, 4F)
             emb = F.silu(self.contextembed_norm(cond) + self.timeembed_norm(t)).flatten(1) if self.adagn else None
             tokens = self.tokens(cond) if self.cross_attn else None  # (N, max_objects, 2F)
-            if self.cond_encoder:  # (N, F, 1, 1) each
-                c_enc1, t_enc1 = self.contextembed_enc1(cond), self.timeembed_enc1(t)
-                c_enc2, t_enc2 = self.contextembed_enc2(cond), self.timeembed_enc2(t)
         x = self.init_conv(x_t, emb)     # (N, F, S, S)
-        down1 = self.down1(c_enc1 * x + t_enc1 if self.cond_encoder else x, emb)              # (N, F, S/2, S/2)
-        down2 = self.down2(c_enc2 * down1 + t_enc2 if self.cond_encoder else down1, emb)      # (N, 2F, S/4, S/4)
+        down1 = self.down1(x, emb)       # (N, F, S/2, S/2)
+        down2 = self.down2(down1, emb)   # (N, 2F, S/4, S/4)
         if self.cross_attn:
             down2 = self.attn_bottom(down2, tokens)
         if self.self_attn:

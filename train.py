@@ -104,7 +104,7 @@ def build_model(s: Settings, cond: torch.Tensor) -> ContextUnet:
     """The network the settings describe; object tokens: i-CLEVR's 3, or more where the training set has more."""
     max_objects = max(3, int(cond.sum(1).max()))
     return ContextUnet(3, s.n_feat, cond.shape[1], s.image_size, bool(s.cond_bottleneck), s.cross_attn,
-                       bool(s.adagn), s.cond_embed, max_objects, bool(s.cond_encoder), bool(s.self_attn))
+                       bool(s.adagn), s.cond_embed, max_objects, bool(s.self_attn))
 
 
 def make_trainer(s: Settings, device: torch.device, precision: str, channels_last: bool, fused: bool,

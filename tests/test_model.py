@@ -61,17 +61,26 @@ def test_under_bf16_autocast_neighbouring_timesteps_stay_apart():
 
 
 OPTIONS = [dict(), dict(cross_attn=1), dict(cross_attn=2), dict(adagn=True), dict(cond_embed="linear"),
-           dict(cross_attn=2, adagn=True, cond_bottleneck=True), dict(cond_encoder=True), dict(self_attn=True)]
+           dict(cross_attn=2, adagn=True, cond_bottleneck=True), dict(self_attn=True)]
 
 
 def test_the_default_config_is_report_cs_and_options_appear_only_when_on():
     # report C's checkpoints hold exactly these keys: a new option must not change what the default network saves
     assert ContextUnet().config == dict(in_channels=3, n_feat=128, n_classes=24, image_size=64)
-    m = ContextUnet(n_feat=8, image_size=16, cross_attn=2, adagn=True, cond_embed="linear")
+    m = ContextUnet(n_feat=8, image_size=16, cross_attn=2, adagn=True, cond_embed="linear", self_attn=True)
     assert m.config == dict(in_channels=3, n_feat=8, n_classes=24, image_size=16, cross_attn=2, adagn=True,
-                            cond_embed="linear")
+                            cond_embed="linear", self_attn=True)
     rebuilt = ContextUnet(**m.config)
     rebuilt.load_state_dict(m.state_dict())  # every weight has its place in the network rebuilt from config alone
+
+
+def test_train_py_builds_the_network_its_flags_ask_for():
+    from settings import decide
+    from train import build_model
+    s = decide(["--n-feat", "8", "--image-size", "16", "--cross-attn", "1", "--self-attn", "1"])
+    config = build_model(s, torch.eye(24)[:3].sum(0, keepdim=True)).config
+    assert (config["cross_attn"], config["self_attn"]) == (1, True)
+    assert "self_attn" not in build_model(decide(["--n-feat", "8"]), torch.eye(24)[:1]).config
 
 
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
@@ -153,24 +162,6 @@ def test_self_attention_starts_as_the_identity_and_mixes_distant_positions():
     moved = h.clone()
     moved[:, :, 0, 0] += 1  # one corner changes: a 1x1 or 3x3 layer would leave the far corner as it was
     assert not torch.allclose(attn(h)[:, :, 3, 3], attn(moved)[:, :, 3, 3])
-
-
-def test_cond_encoder_gives_the_encoder_the_condition():
-    torch.manual_seed(0)
-    model = ContextUnet(n_feat=8, image_size=16, cond_encoder=True).eval()
-    for embed in (model.contextembed1, model.contextembed2):  # silence the decoder's condition: only the encoder's
-        embed.net[2].weight.data.zero_()
-        embed.net[2].bias.data.fill_(1)
-    x, t = torch.randn(1, 3, 16, 16).repeat(2, 1, 1, 1), torch.rand(1).repeat(2)
-    c = torch.zeros(2, 24)
-    c[1, 3] = 1
-    out = model(x, c, t)
-    assert not torch.allclose(out[0], out[1])
-    for embed in (model.contextembed_enc1, model.contextembed_enc2):
-        embed.net[2].weight.data.zero_()
-        embed.net[2].bias.data.fill_(1)
-    out = model(x, c, t)
-    torch.testing.assert_close(out[0], out[1])  # and nothing else carried it
 
 
 def test_linear_condition_embedding_is_one_layer():
