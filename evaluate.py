@@ -20,7 +20,7 @@ from cli import FRACTIONS_OF_T, POSITIVE_INT, Numbers, Parser, UserError, run_cl
 from dataset import COLORS, SHAPES, encode, load_objects, read_image, read_json, to_float
 from device import resolve_device
 from rundir import data_dir_of, plot_curves, read_checkpoint, samples_dir_of
-from schedule import GUIDANCE, SAMPLERS
+from schedule import SAMPLERS
 from evaluator import ensure_classifier, evaluation_model, frechet_distance, load_truth, topk_hits
 
 
@@ -108,7 +108,6 @@ def sweep(args, judge, data_dir, objects, names, splits) -> None:
     ws, seeds = args.sweep, args.seeds  # lists, checked by the parser
     truth = {s: truth_features(judge, data_dir, s, objects) for s in splits}
     tag = "ddpm" if args.sampler == "ddpm" else f"{args.sampler}{args.steps}"  # sweeps of two samplers kept apart
-    tag += "_objects" if args.guidance == "objects" else ""
     if args.w_interval != [0, 1]:
         tag += f"_interval{args.w_interval[0]:g}-{args.w_interval[1]:g}"
     table = []
@@ -120,7 +119,7 @@ def sweep(args, judge, data_dir, objects, names, splits) -> None:
                                         "--split", args.split,
                                         "--seed", str(seed), "--sampler", args.sampler, "--steps", str(args.steps),
                                         "--device", args.device, "--w-interval", ",".join(map(str, args.w_interval)),
-                                        "--guidance", args.guidance, "--strip", "0"]))
+                                        "--strip", "0"]))
             for s in splits:
                 r, f = score_split(judge, out, s, objects, names)
                 accs[s].append(r["accuracy"])
@@ -185,8 +184,6 @@ def make_parser():
     p.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="with --sweep: the sampler (choose w with the "
                                                                        "one you deploy)")
     p.add_argument("--steps", type=POSITIVE_INT, default=50, help="with --sweep: DDIM or DPM-Solver++ steps")
-    p.add_argument("--guidance", default="joint", choices=GUIDANCE,
-                   help="with --sweep: joint, or objects (toward each object, as sample.py)")
     p.add_argument("--w-interval", type=FRACTIONS_OF_T, default=[0.0, 1.0],
                    help="with --sweep: LO,HI, guide only where LO <= t / T <= HI (as sample.py)")
     p.add_argument("--curves", default=None, metavar="RUN_DIR", help="draw RUN_DIR/curves.png from its metrics.jsonl "

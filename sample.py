@@ -4,8 +4,7 @@
     python sample.py --sampler dpm --steps 20                # DPM-Solver++(2M): the fast path
     python sample.py --objects "red cube" "blue sphere" --n 16 --sampler dpm --steps 20   # a scene you name
 
-Guidance: eps = (1 + w) * eps(x, c) - w * eps(x, null); w = 0 is plain conditional sampling. --guidance objects
-guides toward each object of c instead: eps = eps(x, c) + w * sum_k [eps(x, c_k) - eps(x, null)]. Writes
+Guidance: eps = (1 + w) * eps(x, c) - w * eps(x, null); w = 0 is plain conditional sampling. Writes
 OUT/<split>/<i>.png (64x64; with --n-per-condition K, draw k > 0 as <i>_<k>.png), OUT/<split>_grid.png (8 per row),
 OUT/<split>.json (the conditions, for evaluate.py), OUT/<split>_draws.json (the seed of each draw) and
 OUT/denoise_strip.png (noise to image for red sphere, cyan cylinder, cyan cube, or for the --objects named).
@@ -24,7 +23,7 @@ from dataset import STRIP_CONDITION, encode, load_conditions, load_objects, to_u
 from device import PRECISIONS, resolve_device, resolve_precision, setup_backends
 from model import ContextUnet, fold_batchnorm
 from rundir import data_dir_of, read_checkpoint, run_dir_of, samples_dir_of
-from schedule import GUIDANCE, SAMPLERS, Diffusion
+from schedule import SAMPLERS, Diffusion
 
 
 def to_64(x: torch.Tensor) -> torch.Tensor:
@@ -83,8 +82,6 @@ def make_parser():
     p.add_argument("--strip", type=SWITCH, default=1, help="1: also draw the denoising strip; 0: skip it")
     p.add_argument("--w", type=Number(float, lo=0, what="a guidance weight >= 0 (0 is plain conditional sampling)"),
                    default=0.5, help="guidance weight: eps = (1+w) eps_c - w eps_null; 0 = none")
-    p.add_argument("--guidance", default="joint", choices=GUIDANCE, help="joint: toward the whole condition; "
-                   "objects: toward each of its objects, summed (K + 2 network evaluations a step for K objects)")
     p.add_argument("--w-interval", type=FRACTIONS_OF_T, default=[0.0, 1.0],
                    help="LO,HI: guide only the steps with LO <= t / T <= HI, plain conditional steps elsewhere")
     p.add_argument("--sampler", default="ddpm", choices=SAMPLERS, help="ancestral DDPM (all T steps), deterministic "
@@ -149,14 +146,13 @@ def run(args) -> None:
         check_object_count(model, conditions, cond, where)
     how = f"{args.sampler} {args.steps if args.sampler != 'ddpm' else diffusion.T} steps"
     how += ", x0 clipped" if args.clip_x0 and args.sampler == "ddpm" else ""
-    how += ", guided toward each object" if args.guidance == "objects" else ""
     lo, hi = args.w_interval
     how += f", guided where {lo:g} <= t/T <= {hi:g}" if args.w_interval != [0, 1] else ""
     print(f"sampling with {'EMA' if not args.no_ema else 'raw'} weights of {args.ckpt} (epoch {ckpt['epoch']}), "
           f"{how}, w={args.w}, seed {args.seed}, on {device} ({precision})")
     draw = lambda cond, seed, **kw: diffusion.sample(model, cond, args.w, args.sampler, args.steps, seed,
                                                      precision=precision, clip_x0=args.clip_x0,
-                                                     w_interval=args.w_interval, guidance=args.guidance, **kw)
+                                                     w_interval=args.w_interval, **kw)
     for name, conditions, cond, _ in jobs:
         seeds = [args.seed + k for k in range(args.n_per_condition)]
         os.makedirs(os.path.join(out_dir, name), exist_ok=True)
@@ -174,8 +170,7 @@ def run(args) -> None:
         with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
             json.dump(conditions, f)
         with open(record, "w") as f:  # evaluate.py scores exactly these draws
-            json.dump({"seeds": seeds, "sampler": args.sampler, "w": args.w, "guidance": args.guidance,
-                       "ckpt": os.path.abspath(args.ckpt),
+            json.dump({"seeds": seeds, "sampler": args.sampler, "w": args.w, "ckpt": os.path.abspath(args.ckpt),
                        "steps": args.steps if args.sampler != "ddpm" else diffusion.T}, f)
         print(f"{name}: {len(seeds) * len(cond)} images in {time.time() - t0:.1f}s -> {out_dir}/{name}/, "
               f"{out_dir}/{name}_grid.png")

@@ -21,7 +21,6 @@ from tqdm import tqdm
 from device import autocast, graphed, resolve_precision
 
 SAMPLERS = ("ddpm", "ddim", "dpm")  # ancestral DDPM, deterministic DDIM, DPM-Solver++(2M)
-GUIDANCE = ("joint", "objects")  # toward the whole condition, or toward each of its objects (composable)
 LAMBDA_FLOOR = -5.0  # DPM-Solver++'s steps start no noisier than this log(alpha / sigma), besides t = T
 
 
@@ -89,24 +88,6 @@ def guided_eps(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, w: float) -> to
     sampling (others write the same thing with scale = 1 + w). Linear, so a v network's outputs are guided the
     same way: the guided v implies the guided eps."""
     return (1 + w) * eps_cond - w * eps_uncond
-
-
-def split_objects(cond: torch.Tensor) -> torch.Tensor:
-    """(N, 24) multi-hot -> (K, N, 24), K the most objects in a row: row n of slice k is the k-th object of cond[n]
-    alone, all zeros (the null condition) where cond[n] has fewer than k + 1 objects."""
-    k = max(1, int(cond.sum(1).max()))
-    present, idx = cond.topk(k, dim=1)  # (N, K)
-    return (F.one_hot(idx, cond.shape[1]).to(cond.dtype) * (present > 0)[..., None]).transpose(0, 1)
-
-
-def object_guided_eps(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, eps_objects: torch.Tensor,
-                      objects: torch.Tensor, w: float) -> torch.Tensor:
-    """Per-object guidance: eps = eps(x, c) + w * sum_k [eps(x, c_k) - eps(x, null)] over the objects c_k of c (the
-    sum of each object's guided direction, as composable diffusion, Liu et al., arXiv 2206.01714, adds them). A
-    condition of one object gets exactly guided_eps. eps_objects (K, N, ...) from split_objects(c) (K, N, 24), whose
-    all-zero rows (no k-th object) add nothing."""
-    present = (objects.sum(-1) > 0).to(eps_cond.dtype).view(*objects.shape[:2], *[1] * (eps_cond.dim() - 1))
-    return eps_cond + w * ((eps_objects - eps_uncond) * present).sum(0)
 
 
 def v_target(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, sched: dict) -> torch.Tensor:
@@ -296,10 +277,8 @@ class Diffusion:
     @torch.inference_mode()
     def sample(self, model, cond: torch.Tensor, w: float = 0.5, sampler: str = "ddpm", steps: int = 50,
                seed: int = 0, n_frames: int = 0, precision: str = "auto", clip_x0: bool = False,
-               w_interval=(0.0, 1.0), batched_guidance: bool = True, cuda_graph: bool = False, progress: bool = False,
-               guidance: str = "joint"):
-        """Draw one image per row of cond (N, 24) with guidance eps = (1 + w) eps(x, c) - w eps(x, null), or, with
-        guidance "objects", toward each object of c (object_guided_eps: K + 2 evaluations a step). Returns x0
+               w_interval=(0.0, 1.0), batched_guidance: bool = True, cuda_graph: bool = False, progress: bool = False):
+        """Draw one image per row of cond (N, 24) with guidance eps = (1 + w) eps(x, c) - w eps(x, null). Returns x0
         (N, 3, S, S) in [-1, 1] and, if n_frames > 1, that many snapshots of x_t from pure noise to the result.
         The noise comes from its own generator seeded with `seed`, so the output does not depend on what ran before;
         x_T comes from a CPU generator, so the deterministic samplers give the same images on every device.
@@ -308,8 +287,6 @@ class Diffusion:
         2404.07724). cuda_graph: on CUDA each step's forward replayed from a CUDA graph (the same arithmetic)."""
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
-        if guidance not in GUIDANCE:
-            raise ValueError(f"unknown guidance {guidance!r}: use one of {', '.join(GUIDANCE)}")
         device = next(model.parameters()).device
         sched, T = self.on(device), self.T
         size = model.config["image_size"]
@@ -318,7 +295,6 @@ class Diffusion:
         n = cond.shape[0]
         cond = cond.to(device)
         null = torch.zeros_like(cond)  # all zeros is "no condition", as in training
-        objects = split_objects(cond) if guidance == "objects" else None  # (K, N, 24)
         x_t = torch.randn(n, model.config["in_channels"], size, size, generator=start).to(device)
         ts = timesteps(T, sampler, steps, sched)
         record = {round(i * (len(ts) - 1) / (n_frames - 1)) for i in range(n_frames)} if n_frames > 1 else set()
@@ -333,10 +309,6 @@ class Diffusion:
             with autocast(device, precision):
                 if not guided:
                     out = net(x_t, cond, t_in).float()
-                elif objects is not None:  # cond, null and each object's condition in one forward pass of (K + 2)N
-                    outs = net(torch.cat([x_t] * (len(objects) + 2)), torch.cat([cond, null, *objects]),
-                               t_in.repeat(len(objects) + 2)).float().chunk(len(objects) + 2)
-                    out = object_guided_eps(outs[0], outs[1], torch.stack(outs[2:]), objects, w)
                 elif batched_guidance:  # conditional and unconditional halves in one forward pass of 2N
                     out_c, out_u = net(torch.cat([x_t, x_t]), torch.cat([cond, null]), t_in.repeat(2)).float().chunk(2)
                     out = guided_eps(out_c, out_u, w)

@@ -81,17 +81,3 @@ def test_the_default_is_one_draw_and_the_strip(run, tmp_path):
     assert (tmp_path / "denoise_strip.png").is_file()
     assert all("_" not in name for name in os.listdir(tmp_path / "test"))  # only <i>.png
     assert json.loads((tmp_path / "test_draws.json").read_text())["seeds"] == [0]
-
-
-def test_guidance_toward_each_object_is_joint_guidance_for_one_object_and_is_recorded(run, tmp_path):
-    def pngs(folder, *objects, guidance):
-        draw("--ckpt", run, "--out-dir", str(folder), "--objects", *objects, "--n", "2", "--w", "2", "--strip", "0",
-             "--guidance", guidance, *FAST)
-        name = "+".join(o.replace(" ", "_") for o in objects)
-        return [(folder / name / f"{i}.png").read_bytes() for i in range(2)]
-    assert pngs(tmp_path / "j1", "red cube", guidance="joint") == pngs(tmp_path / "o1", "red cube", guidance="objects")
-    two = ("red cube", "blue sphere")
-    assert pngs(tmp_path / "j2", *two, guidance="joint") != pngs(tmp_path / "o2", *two, guidance="objects")
-    draw("--ckpt", run, "--out-dir", str(tmp_path / "split"), "--split", "test", "--guidance", "objects", "--strip",
-         "0", *FAST)
-    assert json.loads((tmp_path / "split" / "test_draws.json").read_text())["guidance"] == "objects"

@@ -3,8 +3,7 @@ whole sampling loops driven by a model whose exact answer is known in closed for
 import torch
 import torch.nn as nn
 
-from schedule import (Diffusion, ddim_step, ddpm_schedules, ddpm_step, dpm_step, guided_eps, object_guided_eps, q_sample,
-                      split_objects, timesteps)
+from schedule import Diffusion, ddim_step, ddpm_schedules, ddpm_step, dpm_step, guided_eps, q_sample, timesteps
 
 
 def test_ddpm_step_mean_is_the_posterior_mean_of_q_x_tminus1_given_x_t_and_x0():
@@ -45,71 +44,6 @@ def test_guidance_is_one_plus_w_cond_minus_w_uncond():
     c, u = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 1.0])
     torch.testing.assert_close(guided_eps(c, u, 0.0), c)  # w = 0: plain conditional
     torch.testing.assert_close(guided_eps(c, u, 2.0), torch.tensor([3 * 1.0 - 2 * 0.5, 3 * -2.0 - 2 * 1.0]))
-
-
-def test_split_objects_gives_each_object_alone_and_null_where_a_row_has_fewer():
-    cond = torch.zeros(3, 24)
-    cond[0, [2, 7, 20]] = 1
-    cond[1, 5] = 1
-    cond[2, [0, 23]] = 1
-    objects = split_objects(cond)  # (K, N, 24)
-    assert objects.shape == (3, 3, 24)
-    torch.testing.assert_close(objects.sum(0), cond)  # every object exactly once
-    assert (objects.sum(-1) <= 1).all()  # one object (or none) per slice and row
-    assert objects.sum(-1).tolist() == [[1, 1, 1], [1, 0, 1], [1, 0, 0]]  # zeros (null) where a row has no k-th
-
-
-def test_object_guidance_adds_each_objects_direction_and_is_plain_guidance_for_one_object():
-    eps_c, eps_u = torch.tensor([[1.0], [2.0]]), torch.tensor([[0.5], [0.0]])
-    eps_o = torch.tensor([[[3.0], [4.0]], [[-1.0], [9.0]]])  # (K=2, N=2, 1): row 1 has one object, row 0 two
-    objects = torch.zeros(2, 2, 24)
-    objects[0, 0, 1] = objects[1, 0, 4] = objects[0, 1, 6] = 1
-    out = object_guided_eps(eps_c, eps_u, eps_o, objects, 2.0)
-    # row 0: 1 + 2 * ((3 - 0.5) + (-1 - 0.5)); row 1: its one object only, the 9.0 of the empty slot ignored
-    torch.testing.assert_close(out, torch.tensor([[1.0 + 2 * (2.5 - 1.5)], [2.0 + 2 * (4.0 - 0.0)]]))
-    single = torch.zeros(1, 2, 24)
-    single[0, :, 3] = 1
-    torch.testing.assert_close(object_guided_eps(eps_c, eps_u, eps_c[None], single, 2.0), guided_eps(eps_c, eps_u, 2.0))
-
-
-class CondEps(nn.Module):
-    """An eps that depends on the condition through a fixed random map: affine in it, or not (tanh)."""
-
-    def __init__(self, affine: bool):
-        super().__init__()
-        self.map, self.affine = nn.Linear(24, 3 * 8 * 8), affine
-        self.config = {"image_size": 8, "in_channels": 3}
-        self.calls = []
-
-    def forward(self, x_t, cond, t_in):
-        self.calls.append(len(x_t))
-        c = self.map(cond) if self.affine else torch.tanh(3 * self.map(cond))
-        return 0.5 * x_t + c.view(-1, 3, 8, 8) * t_in.view(-1, 1, 1, 1)
-
-
-def test_object_guidance_samples_single_objects_as_joint_guidance_and_several_otherwise():
-    torch.manual_seed(0)
-    d, model = Diffusion(T=30), CondEps(affine=False)
-    one = torch.zeros(2, 24)
-    one[0, 3] = one[1, 17] = 1
-    for sampler in ("ddpm", "dpm"):
-        joint, _ = d.sample(model, one, w=2.0, sampler=sampler, steps=8, seed=1)
-        objects, _ = d.sample(model, one, w=2.0, sampler=sampler, steps=8, seed=1, guidance="objects")
-        torch.testing.assert_close(objects, joint)
-    three = one.clone()
-    three[0, [5, 9]] = 1  # row 0 now holds three objects
-    model.calls.clear()
-    joint, _ = d.sample(model, three, w=2.0, sampler="dpm", steps=8, seed=1)
-    objects, _ = d.sample(model, three, w=2.0, sampler="dpm", steps=8, seed=1, guidance="objects")
-    assert not torch.allclose(objects[0], joint[0])  # three directions, not one
-    torch.testing.assert_close(objects[1], joint[1])  # its neighbour's one object is guided as before
-    assert set(model.calls) == {2 * 2, (3 + 2) * 2}  # joint: cond and null; objects: cond, null and K = 3 objects
-    # where eps is affine in the condition the objects' directions sum to the whole's: the forms differ only through
-    # what the network makes of objects together
-    affine = CondEps(affine=True)
-    joint, _ = d.sample(affine, three, w=2.0, sampler="dpm", steps=8, seed=1)
-    objects, _ = d.sample(affine, three, w=2.0, sampler="dpm", steps=8, seed=1, guidance="objects")
-    torch.testing.assert_close(objects, joint)
 
 
 def test_ddim_timesteps_descend_from_T_to_0_in_the_asked_number_of_jumps():
