@@ -320,13 +320,16 @@ def train(s: Settings) -> ContextUnet:
             if epoch_done:  # a stop on an epoch's last batch saves the epoch as done: the resume starts the next
                 r.next_epoch()
             evaluate, grid, save = at_boundary(r, eval_every, epoch_done, why, saved_at)
+            t_saving = time.time()
             val_acc = checkpoint(r, evaluate) if save else None
             saved_at = r.clock if save else saved_at
-            if evaluate and not why and s.minutes:  # a validation that spent the budget is the run's last: a step
-                # more would be scored all over again (rank 0's clock, agreed, so that every rank stops here)
-                _, _, r.clock = agree(torch.zeros((), device=device), False, world,
-                                      time.time() - t_start if rank == 0 else 0.0)
-                why = "time budget" if r.clock >= 60 * s.minutes else None
+            if evaluate and not why and s.minutes:  # a validation that left less of the budget than it took is the
+                # run's last: the steps left would be scored all over again, for longer than they train (rank 0's
+                # clock, agreed, so that every rank stops here)
+                now = time.time()
+                _, _, clock_after_another = agree(torch.zeros((), device=device), False, world,
+                                                  (now - t_start) + (now - t_saving) if rank == 0 else 0.0)
+                why = "time budget" if clock_after_another >= 60 * s.minutes else None
             if rank == 0:
                 left = 0 if why else time_left(s, t_start, r.step - step0, (s.epochs - r.epoch) * n_batches)
                 epoch = r.epoch + r.batch / n_batches if r.batch else r.epoch  # a fraction only inside an epoch

@@ -174,3 +174,37 @@ def test_a_validation_that_spends_the_budget_ends_the_run_without_a_step_and_a_s
     best = run(tiny_data, tmp_path, monkeypatch, [], "--minutes", "0.1", "--epochs", "100000")
     assert len(scored) == 1 and best["step"] == scored[0] == 3  # the first epoch's 3 steps, scored once
     assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 3
+
+
+
+class SkippingClock:
+    """train.py's `time`, where a validation's seconds are skipped over instead of slept: the test takes no longer
+    than its training steps, whatever a step costs on the machine."""
+
+    def __init__(self):
+        self.skipped = 0.0
+
+    def time(self):
+        return time.time() + self.skipped
+
+
+@pytest.mark.parametrize("val_s, scores", [(15, "several"), (40, "one")])
+def test_a_validation_that_leaves_less_budget_than_it_took_ends_the_run(val_s, scores, tiny_data, tmp_path,
+                                                                          monkeypatch):
+    # a 60 s budget: after the first epoch's 3 steps and a 40 s validation under 20 s are left, which would buy a few
+    # steps and another 40 s validation, so the run ends there; a 15 s validation leaves room to train on
+    clock, scored = SkippingClock(), []
+
+    def validation(r):
+        clock.skipped += val_s
+        scored.append(r.step)
+        return 0.5
+    monkeypatch.setattr(train, "time", clock)
+    monkeypatch.setattr(train, "validate", validation)
+    best = run(tiny_data, tmp_path, monkeypatch, [], "--minutes", "1", "--epochs", "100000")
+    if scores == "one":
+        assert scored == [3] and best["step"] == 3
+    else:
+        assert len(scored) >= 2 and scored == sorted(set(scored))
+    last = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert last["step"] == scored[-1]  # the run ended on a scored state: no step after the last validation
