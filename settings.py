@@ -43,6 +43,7 @@ class Settings:
     drop_prob: float = 0.1
     ema_decay: float = 0.999
     hflip: int = 1
+    draw_by_objects: int = 0
     sample_every: int = 25
     seed: int = 42
     minutes: float = 0.0
@@ -142,6 +143,8 @@ def make_parser() -> Parser:
     add("--ema-decay", "EMA decay of the weights used for sampling",
         type=Number(float, 0, 1, hi_open=True, what="a decay in [0, 1)"))
     add("--hflip", "1: random horizontal flips (labels are sets of objects)", type=SWITCH)
+    add("--draw-by-objects", "1: an epoch draws its images with replacement, each in proportion to its number of "
+        "objects (i-CLEVR's 3-object scenes: half the draws, not a third)", type=SWITCH)
     add("--sample-every", "epochs between progress grids of the validation list (0: never)", type=COUNT)
     add("--seed", "random seed", type=COUNT)
     add("--minutes", "stop after this many minutes of training (at a step boundary), save, print the next command; "

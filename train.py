@@ -122,6 +122,14 @@ def make_trainer(s: Settings, device: torch.device, precision: str, channels_las
                    bs=min(s.batch_size, len(images)), data_gen=torch.Generator().manual_seed(s.seed))
 
 
+def epoch_order(cond: torch.Tensor, by_objects: int, gen: torch.Generator) -> torch.Tensor:
+    """An epoch's image indices: a permutation, or with by_objects as many draws with replacement, each image drawn in
+    proportion to its number of objects, so that every object rather than every image weighs the same."""
+    if by_objects:
+        return torch.multinomial(cond.sum(1).float().cpu(), len(cond), replacement=True, generator=gen)
+    return torch.randperm(len(cond), generator=gen)
+
+
 def learning_rate(s: Settings, total_steps: int, step: int, clock: float) -> float:
     """This step's lr: constant (report C), or a cosine from --lr down to 0 over the run (over --minutes of this
     invocation's clock where a time budget is set, else over total_steps), after --warmup-steps of linear warm-up."""
@@ -300,7 +308,7 @@ def train(s: Settings) -> ContextUnet:
     try:
         while r.epoch < s.epochs:
             if r.perm is None:
-                r.perm = torch.randperm(len(images), generator=r.data_gen).to(device)  # the same on every rank
+                r.perm = epoch_order(cond, s.draw_by_objects, r.data_gen).to(device)  # the same on every rank
             bar = tqdm(range(r.batch, n_batches), desc=f"epoch {r.epoch + 1}/{s.epochs}", leave=False,
                        disable=rank != 0)
             t_epoch, loss_sum, loss_count, why = time.time(), 0.0, 0, None

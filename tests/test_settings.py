@@ -77,3 +77,25 @@ def test_a_runs_logsnr_draw_reaches_the_loss_and_its_checkpoint(tiny_data, tmp_p
     ckpt = tiny_run(tiny_data, tmp_path / "run", "--epochs", "1", "--logsnr-draw", "3,0.5")
     assert draws.count([3.0, 0.5]) == 3  # each of the epoch's 3 training steps
     assert ckpt["config"]["train"]["logsnr_draw"] == [3.0, 0.5]
+
+
+def test_an_epoch_drawn_by_objects_draws_each_image_in_proportion_to_its_objects():
+    import train
+    cond = torch.zeros(3000, 24)
+    for k in (1, 2, 3):
+        cond[(k - 1) * 1000:k * 1000, :k] = 1  # a thousand images each of 1, 2 and 3 objects
+    order = train.epoch_order(cond, 1, torch.Generator().manual_seed(0))
+    n_objects = cond[order].sum(1)
+    assert len(order) == 3000
+    assert [(n_objects == k).float().mean().item() for k in (1, 2, 3)] == pytest.approx([1 / 6, 2 / 6, 3 / 6], abs=0.03)
+    assert sorted(train.epoch_order(cond, 0, torch.Generator().manual_seed(0)).tolist()) == list(range(3000))
+
+
+def test_a_runs_draw_by_objects_orders_its_epochs_and_reaches_its_checkpoint(tiny_data, tmp_path, monkeypatch):
+    import train
+    calls, order = [], train.epoch_order
+    monkeypatch.setattr(train, "epoch_order", lambda cond, by_objects, gen: (calls.append(by_objects),
+                                                                             order(cond, by_objects, gen))[1])
+    ckpt = tiny_run(tiny_data, tmp_path / "run", "--epochs", "2", "--draw-by-objects", "1")
+    assert calls == [1, 1]
+    assert ckpt["config"]["train"]["draw_by_objects"] == 1
