@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cli import COUNT, IMAGE_SIZE, POSITIVE_INT, SWITCH, Number, Parser
 from dataset import ICLEVR_TRAIN_IMAGES, load_train, make_batch, read_image
-from device import (DTYPES, PRECISIONS, cpu_has_amx, resolve_channels_last, resolve_device, resolve_precision,
+from device import (DTYPES, PRECISIONS, cpu_bf16_fast, resolve_channels_last, resolve_device, resolve_precision,
                     resolve_switch, setup_backends)
 from model import fold_batchnorm
 from rundir import save_checkpoint
@@ -53,8 +53,8 @@ def matmul_peak(device, precision: str = "fp32") -> float:
     """FLOP/s of a large square matrix product in the given precision (bf16, fp16 or fp32 as each row runs; fp32
     with TF32 off, as setup_backends leaves it for fp32): each row's share is of the peak it could reach."""
     n = 8192 if device.type == "cuda" else 2048
-    # a CPU's half-precision matmuls are emulated (not its peak), except bf16 on AMX matrix units
-    dtype = DTYPES[precision] if device.type == "cuda" or (precision == "bf16" and cpu_has_amx()) else torch.float32
+    # a CPU's half-precision matmuls are emulated (not its peak), except bf16 where the CPU runs it fast
+    dtype = DTYPES[precision] if device.type == "cuda" or (precision == "bf16" and cpu_bf16_fast()) else torch.float32
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     timed(lambda: a @ b, device)
     # the best of several timings: a peak, so a moment of contention from elsewhere does not lower the bar

@@ -2,8 +2,8 @@
 switches that go with them, so train.py, sample.py, bench.py and evaluator.py always agree.
 
 precision "auto": bf16 on GPUs that support it (Ampere and later), fp16 with a gradient scaler on older GPUs (T4,
-V100, RTX 20xx); on a CPU, bf16 where it has AMX matrix units, else fp32. Every precision also runs on the CPU, so
-the tests execute each path.
+V100, RTX 20xx); on a CPU, bf16 where it was measured faster than fp32 (cpu_bf16_fast), else fp32. Every precision
+also runs on the CPU, so the tests execute each path.
 """
 import functools
 import os
@@ -38,9 +38,27 @@ def has_bf16(device: torch.device) -> bool:
 
 def cpu_has_amx() -> bool:
     """AMX matrix units (Intel Xeon from Sapphire Rapids on): there oneDNN runs bf16 convolutions at about twice fp32's
-    speed (measured in docs/RESULTS.md). Other CPUs emulate bf16 or lack the wide units, so fp32 stays their choice."""
+    speed (measured in docs/RESULTS.md)."""
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # torch's own probe; private, so absent means no
     return bool(probe and probe())
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's vendor_id in Linux's cpuinfo (GenuineIntel, AuthenticAMD); '' where there is no such file."""
+    try:
+        with open(cpuinfo) as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
+def cpu_bf16_fast() -> bool:
+    """Whether bf16 trains faster than fp32 on this CPU, as measured (docs/RESULTS.md): with AMX (about 2x), and on an
+    AMD CPU with AVX-512's bf16 instructions (Zen 4 on: 1.4x the compiled fp32 step, the classifier's 1.6x).
+    An Intel CPU with those instructions but no AMX measured no faster than fp32, and other CPUs emulate bf16."""
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return cpu_has_amx() or (bool(probe and probe()) and cpu_vendor() == "AuthenticAMD")
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
@@ -49,7 +67,7 @@ def resolve_precision(name: str, device: torch.device) -> str:
         raise UserError(f"--precision {name}: not a precision; use {', '.join(PRECISIONS)}")
     if name == "auto":
         if device.type != "cuda":
-            return "bf16" if device.type == "cpu" and cpu_has_amx() else "fp32"
+            return "bf16" if device.type == "cpu" and cpu_bf16_fast() else "fp32"
         return "bf16" if has_bf16(device) else "fp16"
     if name == "bf16" and device.type == "cuda" and not has_bf16(device):
         raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bf16; use fp16 or auto")
@@ -86,7 +104,7 @@ def compile_disabled() -> bool:
 def resolve_compile(value, device: torch.device, precision: str = "fp32") -> bool:
     """--compile: auto is on for CUDA where a C compiler is on PATH (Triton builds its kernel launcher with one), and
     on a CPU in fp32 where inductor builds a kernel (cpu_compile_error; the CPU preset's fp32 step measured 1.36x
-    faster compiled, docs/RESULTS.md; bf16 on a CPU is not measured compiled). Where it cannot, auto trains eager;
+    faster compiled, docs/RESULTS.md; bf16 on AMD's Zen 4 measured slower compiled). Where it cannot, auto trains eager;
     1 is refused in one line with the reason. TORCH_COMPILE_DISABLE=1 makes auto mean eager."""
     if str(value) == "auto":
         if compile_disabled():

@@ -112,6 +112,7 @@ def test_frechet_distance_matches_the_closed_form_for_gaussians():
 def test_the_synthetic_sets_judge_trains_in_bf16_only_where_auto_says_so(amx, tiny_data, tmp_path, monkeypatch, capsys):
     import evaluator
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     out = tmp_path / "judge.pth"
     evaluator.train_classifier(evaluator.make_parser().parse_args(
         ["--train", "--data-dir", tiny_data, "--epochs", "1", "--batch-size", "16", "--out", str(out),

@@ -138,19 +138,36 @@ def test_auto_precision_follows_the_cards_compute_capability(monkeypatch, capabi
     assert resolve_precision("fp16", CPU) == "fp16"  # every precision runs on the CPU too
 
 
-@pytest.mark.parametrize("amx", [True, False])
-def test_auto_on_a_cpu_means_bf16_and_channels_last_only_with_amx(monkeypatch, amx, tiny_data, tmp_path, capsys):
-    # torch's own probe decides; a training run then says what it resolved to on its first line
+@pytest.mark.parametrize("amx,avx512_bf16,vendor,bf16", [(True, True, "GenuineIntel", True),
+                                                       (False, True, "AuthenticAMD", True),
+                                                       (False, True, "GenuineIntel", False),
+                                                       (False, False, "AuthenticAMD", False),
+                                                       (False, False, "", False)])
+def test_auto_on_a_cpu_means_bf16_where_measured_faster_and_channels_last_only_with_amx(monkeypatch, amx, avx512_bf16,
+                                                                                        vendor, bf16, tiny_data,
+                                                                                        tmp_path, capsys):
+    # torch's own probes and the vendor decide; a training run then says what it resolved to on its first line
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-    assert resolve_precision("auto", CPU) == ("bf16" if amx else "fp32")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(device_module, "cpu_vendor", lambda: vendor)
+    assert resolve_precision("auto", CPU) == ("bf16" if bf16 else "fp32")
     assert device_module.resolve_channels_last("auto", CPU) is amx
     assert device_module.resolve_switch("auto", CPU, "--fused-adam") is False  # never measured on a CPU: off
     train.train(decide(["--data-dir", tiny_data, "--out-dir", str(tmp_path), *TINY, "--epochs", "1"]))
     first = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("ContextUnet:"))
-    assert (("device cpu, bf16, channels_last" in first) if amx
-            else ("device cpu, fp32" in first and "channels" not in first))
+    assert ("device cpu, bf16" if bf16 else "device cpu, fp32") in first
+    assert ("channels_last" in first) is amx
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
-    assert not device_module.cpu_has_amx()  # a build without the private probe counts as no AMX
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    assert not device_module.cpu_bf16_fast()  # a build without the private probes counts as neither
+
+
+def test_the_cpu_vendor_is_read_from_cpuinfo_and_is_empty_without_one(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n\nprocessor\t: 1\n"
+                       "vendor_id\t: AuthenticAMD\n")
+    assert device_module.cpu_vendor(str(cpuinfo)) == "AuthenticAMD"
+    assert device_module.cpu_vendor(str(tmp_path / "absent")) == ""  # macOS, Windows: fp32 unless AMX
 
 
 def test_autocast_is_off_for_fp32_and_casts_for_half():
@@ -242,6 +259,7 @@ def test_without_the_compiler_torch_would_use_the_probe_fails_and_auto_trains_ea
     monkeypatch.delenv("TORCH_COMPILE_DISABLE")
     monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/c++",))
     device.cpu_compile_error.cache_clear()  # probe here, and again after the test
+    torch._dynamo.reset()  # dynamo keeps the probe's compiled frame from an earlier probe in this process
     try:
         assert device.cpu_compile_error()  # a reason, such as "InvalidCxxCompiler: ..."
         assert not device.resolve_compile("auto", torch.device("cpu"))
