@@ -129,14 +129,14 @@ def test_a_first_run_says_its_steps_and_their_times_before_it_starts(tiny_data, 
 
 
 class RecordingJudge:
-    """A stand-in classifier that keeps the images it is shown."""
+    """A stand-in classifier that keeps the images it is shown; it reads them as the scores given, else 0.5."""
 
-    def __init__(self):
-        self.images = []
+    def __init__(self, scores=()):
+        self.images, self.scores = [], list(scores)
 
     def eval(self, images, labels):
         self.images.append(images.clone())
-        return 0.5
+        return self.scores.pop(0) if self.scores else 0.5
 
 
 @pytest.mark.parametrize("process", [[], ["--prediction", "v", "--zero-snr", "1"]], ids=["eps", "v,zero-snr"])
@@ -160,6 +160,24 @@ def test_validation_draws_what_the_printed_sampling_command_draws(process, tiny_
     validated = judge.images[-1]
     assert (drawn["printed"] - validated).abs().mean() < 0.01  # PNG rounding and folded BatchNorm apart, the same
     assert (drawn["ddim"] - validated).abs().mean() > 0.05  # the old validation's DDIM at w 0.5 draws other images
+
+
+def test_val_draws_scores_the_mean_of_that_many_draws_and_the_printed_command_samples_by_ddpm(tiny_data, tmp_path,
+                                                                                              monkeypatch, capsys):
+    # the preset's validation: several draws of a fast sampler rank the checkpoints; what the user samples next is
+    # still DDPM at the validated w
+    judge = RecordingJudge([0.2, 0.5, 0.9, 0.1, 0.3, 0.5])  # two validations of three draws each
+    monkeypatch.setattr(prepare, "find_judge", lambda s, data_dir, device: judge)
+    out = tmp_path / "run"
+    train.train(decide(["--data-dir", tiny_data, "--out-dir", str(out), *TINY, "--epochs", "2", "--eval-every", "1",
+                        "--val-sampler", "dpm", "--val-steps", "5", "--val-draws", "3", "--val-w", "3"]))
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["val_acc"] for r in rows] == pytest.approx([1.6 / 3, 0.3])
+    assert torch.load(out / "best.pt", weights_only=False)["epoch"] == 1
+    first = judge.images[:3]
+    assert all((a - b).abs().mean() > 0.05 for a, b in [(first[0], first[1]), (first[1], first[2])])  # other seeds
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith(f"next: python sample.py --ckpt {out}/best.pt "
+                                                                     "--w 3")
 
 
 class SkippingClock:
