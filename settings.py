@@ -190,6 +190,7 @@ def decide(argv=None) -> Settings:
         ckpt = read_checkpoint(path, "nothing to resume; drop --resume to start, or pass the run's --out-dir")
         saved = {k: v for k, v in ckpt["config"]["train"].items() if k in DEFAULTS.__dataclass_fields__}
         saved.update({k: getattr(DEFAULTS, k) for k in MODEL_KEYS if k not in saved})
+        saved.setdefault("val_draws", 1)  # a run saved before --val-draws validated with one draw of its sampler
         for k in MODEL_KEYS:
             if k in typed and typed[k] != saved[k]:
                 raise UserError(f"{path}: --{k.replace('_', '-')} {typed[k]} differs from the checkpoint's "

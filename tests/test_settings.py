@@ -37,11 +37,13 @@ def test_a_resumed_preset_run_keeps_its_checkpoints_values_where_the_preset_diff
     tiny_run(tiny_data, run, "--preset", "cpu", "--epochs", "1", "--minutes", "0", "--eval-every", "0",
              "--cross-attn", "0", "--cond-bottleneck", "0", "--lr", "5e-4")
     ckpt = torch.load(run / "ckpt.pt", weights_only=False)
-    del ckpt["config"]["train"]["val_w"]  # as a checkpoint saved before the setting existed
+    for key in ("val_w", "val_draws"):
+        del ckpt["config"]["train"][key]  # as a checkpoint saved before the setting existed
     torch.save(ckpt, run / "ckpt.pt")
     s = decide(["--resume", "--out-dir", str(run)])
     assert s.preset == "cpu" and s.lr == 5e-4 and s.cross_attn == 0 and s.minutes == 0  # the run's, not the preset's
     assert s.val_w == PRESETS["cpu"]["val_w"] != DEFAULTS.val_w  # not in the checkpoint: the preset's
+    assert s.val_draws == 1 != PRESETS["cpu"]["val_draws"]  # but such a run validated with one draw, and goes on so
 
 
 def test_a_typed_network_setting_that_differs_from_the_checkpoint_is_refused(tiny_data, tmp_path):

@@ -141,8 +141,8 @@ class RecordingJudge:
 
 @pytest.mark.parametrize("process", [[], ["--prediction", "v", "--zero-snr", "1"]], ids=["eps", "v,zero-snr"])
 def test_validation_draws_what_the_printed_sampling_command_draws(process, tiny_data, tmp_path, monkeypatch, capsys):
-    # best.pt is chosen on the images the user's next command will make: same sampler, same w, same seed, and the
-    # same noise process and prediction, which sample.py reads from the checkpoint
+    # validated by DDPM (the default), best.pt is chosen on the images the user's next command will make: same
+    # sampler, same w, same seed, and the same noise process and prediction, which sample.py reads from the checkpoint
     import sample
     judge = RecordingJudge()
     monkeypatch.setattr(prepare, "find_judge", lambda s, data_dir, device: judge)
